@@ -1,0 +1,210 @@
+"""Command line: `python -m lib_merge merge|info|methods|presets|demo ...`.
+
+Exit status: 0 on success, 2 on a user error (the message goes to stderr and no output file is left),
+1 on an unexpected failure (a bug: please report it with the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError, MergeError
+
+
+def _parse_param(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise InputError(f"--param takes NAME=VALUE, not '{text}'.")
+    return name.strip(), value.strip()
+
+
+def _coerce_literal(value: str):
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+class TerminalProgress:
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool | None = None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.last = 0.0
+
+    def __call__(self, p) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.1 and p.done_bytes < p.total_bytes:
+            return
+        self.last = now
+        width = 30
+        filled = int(width * p.fraction)
+        rate = p.done_bytes / p.elapsed / 2**20 if p.elapsed > 0 else 0
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {p.fraction * 100:5.1f}% "
+                         f"{p.done_bytes / 2**30:.2f}/{p.total_bytes / 2**30:.2f} GiB {rate:7.1f} MiB/s")
+        if p.done_bytes >= p.total_bytes:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def build_recipe(args) -> "Recipe":
+    from .arch import TEXT_ENCODER, UNET, VAE
+    from .models import open_model
+    from .arch import detect
+    from .methods import get_method
+    from .recipe import ModelRef, Recipe
+    from .weights import parse_blocks
+
+    if args.recipe:
+        try:
+            text = Path(args.recipe).read_text(encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"Cannot read the recipe '{args.recipe}': {e.strerror}.") from None
+        recipe = Recipe.from_json(text)
+        return recipe
+    if not args.method:
+        raise InputError("Give --method (or --recipe FILE).")
+    spec = get_method(args.method)
+    if not args.model:
+        raise InputError(f"{spec.name} needs {spec.n_models} models: give --model once per model ({', '.join(spec.inputs)}).")
+    params: dict = {}
+    for text in args.param or []:
+        name, value = _parse_param(text)
+        params[name] = _coerce_literal(value)
+    if args.alpha is not None:
+        params["alpha"] = args.alpha
+    if args.beta is not None:
+        params["beta"] = args.beta
+    components = [UNET, TEXT_ENCODER] + ([VAE] if args.merge_vae else [])
+    if args.unet_only:
+        components = [UNET] + ([VAE] if args.merge_vae else [])
+    recipe = Recipe(method=spec.name, models=[ModelRef(name=Path(m).name, path=m) for m in args.model],
+                    params=params, seed=args.seed, compute_dtype=args.compute_dtype, dtype=args.dtype,
+                    components=components, missing_keys=args.missing_keys, nonfinite=args.nonfinite)
+    if args.blocks or args.blocks_beta:
+        # the architecture decides how many block weights there are: read A's header
+        with open_model(args.model[0]) as a:
+            family = detect({k: i.shape for k, i in a.tensors.items()}, a.name).family
+        resolved = spec.resolve_params(params)
+        for name, text in (("alpha", args.blocks), ("beta", args.blocks_beta)):
+            if text:
+                spec.param(name)
+                recipe.blocks[name] = parse_blocks(text, family, resolved[name])
+    recipe.validate()
+    return recipe
+
+
+def cmd_merge(args) -> int:
+    from .engine import FileSink, merge
+    recipe = build_recipe(args)
+    out = Path(args.output)
+    sink = FileSink(out, overwrite=args.overwrite)
+    result = merge(recipe, sink, search_dirs=args.models_dir or [], device=args.device, threads=args.threads,
+                   progress=TerminalProgress(), verify_hashes=bool(args.recipe))
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"Merged {recipe.method} ({result.arch.label}) -> {out} in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import model_info, format_info
+    info = model_info(args.file, hashes=not args.no_hash)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(format_info(info))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .methods import METHODS
+    if args.json:
+        print(json.dumps([m.describe() for m in METHODS.values()], indent=2))
+        return 0
+    for m in METHODS.values():
+        print(f"{m.name:16s} {m.label}: {m.formula}   models: {', '.join(m.inputs)}")
+        for p in m.params:
+            rng = f" [{p.range[0]}, {p.range[1]}]" if p.range else ""
+            bw = " (per block)" if p.blockwise else ""
+            print(f"    --param {p.name}=<{getattr(p.kind, '__name__', 'choice')}> default {p.default}{rng}{bw}: {p.help}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .weights import PRESETS, format_blocks, preset
+    family = args.family
+    for name, (desc, _) in PRESETS.items():
+        print(f"{name:22s} {desc}\n    {format_blocks(preset(name, family), family)}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The built-in main job until the Merge tab exists: make two tiny demo models and merge them."""
+    from .demo import run_demo
+    return run_demo(Path(args.dir), progress=TerminalProgress())
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lib_merge", description="Merge Lab: merge Stable Diffusion checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="merge checkpoints into a .safetensors file")
+    m.add_argument("--recipe", help="a recipe JSON file (from a saved model's metadata or the UI)")
+    m.add_argument("--method", help="merge method (see `methods`)")
+    m.add_argument("--model", action="append", help="input model, in the method's order (A, B, C...)")
+    m.add_argument("--alpha", type=float, help="α (weight of B); per block with --blocks")
+    m.add_argument("--beta", type=float, help="β (weight of C) where the method has one")
+    m.add_argument("--param", action="append", metavar="NAME=VALUE", help="any method parameter by its spec name")
+    m.add_argument("--blocks", help="α per block: 26 (SD1/SD2) or 20 (SDXL) numbers, NAME=value pairs with *, or a preset")
+    m.add_argument("--blocks-beta", help="β per block, same forms as --blocks")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
+    m.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="output dtype")
+    m.add_argument("--merge-vae", action="store_true", help="merge the VAE too (default: keep A's)")
+    m.add_argument("--unet-only", action="store_true", help="keep A's text encoder(s)")
+    m.add_argument("--missing-keys", default="keep_a", choices=["keep_a", "error"])
+    m.add_argument("--nonfinite", default="warn", choices=["warn", "error"], help="what to do when NaN/Inf appear")
+    m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    m.add_argument("--threads", type=int, help="worker threads (default: one per CPU core)")
+    m.add_argument("--models-dir", action="append", help="folder(s) where a recipe's model names are looked up")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
+    m.add_argument("-o", "--output", required=True)
+    m.set_defaults(func=cmd_merge)
+
+    i = sub.add_parser("info", help="describe a checkpoint: architecture, components, hashes, metadata")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--no-hash", action="store_true", help="skip the sha256 (fast on big files)")
+    i.set_defaults(func=cmd_info)
+
+    me = sub.add_parser("methods", help="list merge methods and their parameters")
+    me.add_argument("--json", action="store_true")
+    me.set_defaults(func=cmd_methods)
+
+    pr = sub.add_parser("presets", help="list block-weight presets")
+    pr.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    pr.set_defaults(func=cmd_presets)
+
+    d = sub.add_parser("demo", help="create two tiny demo checkpoints and merge them (no downloads)")
+    d.add_argument("--dir", default="merge-lab-demo", help="folder for the demo files")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written.", file=sys.stderr)
+        return 130

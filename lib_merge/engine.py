@@ -1,0 +1,428 @@
+"""Plan + streaming executor + sinks.
+
+    Recipe --plan--> Tasks (one per output key) --execute (threads, device, compute dtype)--> Sink
+
+A task reads its key from each input in row chunks with positioned reads into the worker's reused buffers,
+runs the method on the compute device, casts to the output dtype and hands the chunk to the sink, which
+writes it at its final place. Memory is a few chunks per worker, never a whole model.
+
+Sinks: FileSink (streaming .safetensors, atomic) and DictSink (in memory). Both receive the full list of
+(key, dtype, shape) before any data, so a file's layout is fixed up front.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import arch as archmod
+from .arch import Architecture, component_of
+from .errors import CancelledError, InputError, MergeError, NonFiniteError
+from .methods import MethodSpec, get_method
+from .models import ModelFile, SafetensorsWriter, TensorInfo, check_output_path, dtype_from_name, file_hashes, open_model
+from .recipe import ModelRef, Recipe
+from .weights import value_for_key
+
+DEFAULT_CHUNK_ELEMS = 1 << 21   # 2 M elements per chunk: 8 MB in float32, small enough to reuse heap memory
+
+DROPPED_PREFIXES = ("model_ema.",)  # EMA copies of A would mislabel a merge; the WebUI does not use them
+
+
+@dataclass
+class Task:
+    key: str
+    action: str                      # "merge" | "copy"
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    params: dict[str, Any] = field(default_factory=dict)
+    region: tuple[int, ...] | None = None   # merge only this leading region (shape mismatch); rest from A
+    nbytes: int = 0
+
+
+@dataclass
+class Plan:
+    arch: Architecture
+    method: MethodSpec
+    tasks: list[Task]
+    warnings: list[str]
+
+    @property
+    def entries(self):
+        return [(t.key, t.out_dtype, t.shape) for t in self.tasks]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tasks)
+
+
+def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
+    """One task per output key. The output has A's keys (minus EMA); what is merged follows the recipe."""
+    spec = get_method(recipe.method)
+    shapes = [{k: info.shape for k, info in m.tensors.items()} for m in inputs]
+    archs = [(m.name, archmod.detect(s, m.name)) for m, s in zip(inputs, shapes)]
+    arch = archmod.check_same_family(archs)
+    family = arch.family
+    out_dtype = dtype_from_name(recipe.dtype)
+    a = inputs[0]
+    others = inputs[1:]
+    tasks: list[Task] = []
+    warnings: list[str] = []
+    missing: list[str] = []
+    mismatched: list[str] = []
+    for key, info in sorted(a.tensors.items(), key=lambda kv: kv[1].offset):
+        if key.startswith(DROPPED_PREFIXES):
+            continue
+        comp = component_of(key)
+        merge = (comp in recipe.components and info.is_float and not key.endswith("position_ids"))
+        dtype = out_dtype if info.is_float and not key.endswith("position_ids") else info.dtype
+        task = Task(key, "copy", info.shape, dtype, nbytes=info.numel * dtype.itemsize)
+        tasks.append(task)
+        if not merge:
+            continue
+        absent = [m.name for m in others if key not in m.tensors]
+        if absent:
+            if recipe.missing_keys == "error":
+                raise InputError(f"Key '{key}' of '{a.name}' is missing from {', '.join(absent)} "
+                                 f"(set missing keys to keep_a to copy it from A).")
+            missing.append(key)
+            continue
+        other_shapes = [m.tensors[key].shape for m in others]
+        if any(s != info.shape for s in other_shapes):
+            if any(len(s) != len(info.shape) for s in other_shapes):
+                mismatched.append(key)
+                continue
+            task.region = tuple(min(d) for d in zip(info.shape, *other_shapes))
+            mismatched.append(key)
+        task.action = "merge"
+        task.params = {name: value_for_key(key, family, recipe.blocks.get(name), value)
+                       for name, value in recipe.params.items()}
+    if missing:
+        warnings.append(f"{len(missing)} key(s) of A are missing from other models and were copied from A "
+                        f"(e.g. {missing[0]}).")
+    if mismatched:
+        warnings.append(f"{len(mismatched)} key(s) differ in shape between the models; the common part was merged "
+                        f"and the rest kept from A (e.g. {mismatched[0]}).")
+    extra = set().union(*(m.tensors.keys() for m in others)) - set(a.tensors) if others else set()
+    extra = {k for k in extra if not k.startswith(DROPPED_PREFIXES)}
+    if extra:
+        warnings.append(f"{len(extra)} key(s) present only in other models were left out (the output follows A's keys).")
+    return Plan(arch, spec, tasks, warnings)
+
+
+# -------------------------------------------------------------------------------------------- sinks
+
+class Sink:
+    def open(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None: ...
+    def write(self, key: str, tensor: torch.Tensor, row0: int = 0) -> None: ...
+    def close(self, metadata: dict[str, str]) -> Any: ...
+    def abort(self) -> None: ...
+
+
+class FileSink(Sink):
+    """Streaming .safetensors output: space reserved first, chunks written in place, atomic rename."""
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.inputs: list[Path] = []
+        self.writer: SafetensorsWriter | None = None
+
+    def open(self, entries):
+        check_output_path(self.path, self.inputs, self.overwrite)
+        self.writer = SafetensorsWriter(self.path, entries)
+
+    def write(self, key, tensor, row0=0):
+        self.writer.write(key, tensor, row0)
+
+    def close(self, metadata):
+        return self.writer.commit(metadata)
+
+    def abort(self):
+        if self.writer is not None:
+            self.writer.abort()
+
+
+class DictSink(Sink):
+    """In-memory output: a state dict allocated once, filled chunk by chunk."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.state: dict[str, torch.Tensor] = {}
+        self.metadata: dict[str, str] = {}
+
+    def open(self, entries):
+        self.state = {k: torch.empty(shape, dtype=dtype, device=self.device) for k, dtype, shape in entries}
+
+    def write(self, key, tensor, row0=0):
+        dst = self.state[key]
+        if dst.dim() == 0:
+            dst.copy_(tensor.reshape(()))
+        else:
+            dst[row0:row0 + tensor.shape[0]].copy_(tensor)
+
+    def close(self, metadata):
+        self.metadata = metadata
+        return self.state
+
+    def abort(self):
+        self.state = {}
+
+
+# ----------------------------------------------------------------------------------------- executor
+
+class _Workspace:
+    """Per-worker reusable read buffers, one per input slot."""
+
+    def __init__(self):
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def buffer(self, slot: int, nbytes: int) -> torch.Tensor:
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+            self.buffers[slot] = buf
+        return buf
+
+
+@dataclass
+class Progress:
+    done_bytes: int
+    total_bytes: int
+    key: str
+    elapsed: float
+
+    @property
+    def fraction(self) -> float:
+        return self.done_bytes / self.total_bytes if self.total_bytes else 1.0
+
+
+def _rng_for(seed: int, key: str) -> torch.Generator:
+    """A CPU generator seeded from (seed, key): the same draws on any device, thread count or key order."""
+    import hashlib
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
+            compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+            threads: int | None = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+            progress: Callable[[Progress], None] | None = None,
+            cancel: Callable[[], bool] | None = None, nonfinite: str = "warn") -> list[str]:
+    """Run every task into the sink. Returns the keys that came out non-finite (policy 'warn')."""
+    device = torch.device(device)
+    if threads is None:
+        threads = max(1, min(os.cpu_count() or 1, 8)) if device.type == "cpu" else 2
+    spec = plan.method
+    a = inputs[0]
+    total = plan.total_bytes
+    done = [0]
+    lock = threading.Lock()
+    stop = threading.Event()
+    bad_keys: list[str] = []
+    local = threading.local()
+    started = time.monotonic()
+
+    def workspace() -> _Workspace:
+        ws = getattr(local, "ws", None)
+        if ws is None:
+            ws = local.ws = _Workspace()
+        return ws
+
+    def read(slot: int, model: ModelFile, key: str, rows, ws: _Workspace) -> torch.Tensor:
+        info = model.tensors[key]
+        n_rows = (rows[1] - rows[0]) if rows and info.shape else None
+        nbytes = info.nbytes if n_rows is None else (info.nbytes // info.shape[0]) * n_rows if info.shape[0] else 0
+        return model.read(key, rows, ws.buffer(slot, nbytes))
+
+    def emit(task: Task, out: torch.Tensor, row0: int) -> None:
+        if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
+            with lock:
+                bad_keys.append(task.key)
+            if nonfinite == "error":
+                raise NonFiniteError(f"The merge produced NaN/Inf in '{task.key}'. Check the parameters "
+                                     f"(or the inputs); set the non-finite policy to 'warn' to save anyway.")
+        sink.write(task.key, out if out.device.type == "cpu" else out.cpu(), row0)
+
+    def run_task(task: Task) -> None:
+        if stop.is_set():
+            return
+        if cancel is not None and cancel():
+            stop.set()
+            raise CancelledError("Merge interrupted: nothing was written.")
+        ws = workspace()
+        info = a.tensors[task.key]
+        shape = task.shape
+        if task.action == "copy":
+            for rows in _chunks(shape, chunk_elems):
+                t = read(0, a, task.key, rows, ws)
+                emit(task, t.to(task.out_dtype, copy=True), rows[0] if rows else 0)
+        elif task.region is not None:
+            tensors = [m.read(task.key).to(device, compute_dtype) for m in inputs]
+            out = tensors[0].clone()
+            region = tuple(slice(0, d) for d in task.region)
+            out[region] = spec.fn([t[region] for t in tensors], rng=_rng_for(seed, task.key), **task.params)
+            emit(task, out.to(task.out_dtype), 0)
+        else:
+            rng = _rng_for(seed, task.key)
+            for rows in _chunks(shape, chunk_elems if spec.elementwise else None):
+                tensors = [read(i, m, task.key, rows, ws).to(device, compute_dtype) for i, m in enumerate(inputs)]
+                out = spec.fn(tensors, rng=rng, **task.params)
+                emit(task, out.to(task.out_dtype), rows[0] if rows else 0)
+        with lock:
+            done[0] += task.nbytes
+            if progress is not None:
+                progress(Progress(done[0], total, task.key, time.monotonic() - started))
+        del info
+
+    old_threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1:
+        torch.set_num_threads(1)  # parallelism comes from the workers; no oversubscription
+    try:
+        sink.open(plan.entries)
+        try:
+            if threads <= 1:
+                for task in plan.tasks:
+                    run_task(task)
+            else:
+                with ThreadPoolExecutor(threads, thread_name_prefix="merge") as pool:
+                    futures = [pool.submit(run_task, t) for t in plan.tasks]
+                    try:
+                        for f in futures:
+                            f.result()
+                    except BaseException:
+                        stop.set()
+                        for f in futures:
+                            f.cancel()
+                        raise
+        except BaseException:
+            sink.abort()
+            raise
+    finally:
+        if torch.get_num_threads() != old_threads:
+            torch.set_num_threads(old_threads)
+    return bad_keys
+
+
+def _chunks(shape: tuple[int, ...], chunk_elems: int | None):
+    """Row ranges [r0, r1) covering the first dimension with about chunk_elems elements each."""
+    if not shape or chunk_elems is None:
+        yield None
+        return
+    rows = shape[0]
+    per_row = 1
+    for d in shape[1:]:
+        per_row *= d
+    step = max(1, chunk_elems // max(per_row, 1))
+    if step >= rows:
+        yield None
+        return
+    for r0 in range(0, rows, step):
+        yield (r0, min(rows, r0 + step))
+
+
+# ------------------------------------------------------------------------------------ the whole merge
+
+@dataclass
+class MergeResult:
+    recipe: Recipe
+    arch: Architecture
+    warnings: list[str]
+    nonfinite_keys: list[str]
+    seconds: float
+    output: Any = None               # Path for a FileSink, the state dict for a DictSink
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_model_path(ref: ModelRef, search_dirs: list[str | os.PathLike] = ()) -> Path:
+    """A model reference -> an existing file: its path if it exists, else its name in the search folders."""
+    candidates = []
+    if ref.path:
+        candidates.append(Path(ref.path))
+    candidates.append(Path(ref.name))
+    for d in search_dirs:
+        candidates.append(Path(d) / ref.name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    where = ", ".join(str(d) for d in search_dirs) or "the current folder"
+    raise InputError(f"Model '{ref.name}' not found (looked in {where}).")
+
+
+def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = (), device: str = "cpu",
+          threads: int | None = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+          progress: Callable[[Progress], None] | None = None, cancel: Callable[[], bool] | None = None,
+          verify_hashes: bool = False, hashes: bool = True) -> MergeResult:
+    """Open the inputs, plan, merge into `sink`, and finish it with the recipe in the metadata.
+
+    Input hashes are computed (or taken from the cache) in a background thread while the merge runs.
+    With verify_hashes, inputs whose sha256 differs from the recipe's are refused before any work.
+    """
+    started = time.monotonic()
+    recipe.validate()
+    refs = recipe.models
+    paths = [resolve_model_path(r, search_dirs) for r in refs]
+    if isinstance(sink, FileSink):
+        sink.inputs = paths
+    inputs: list[ModelFile] = []
+    try:
+        for p in paths:
+            inputs.append(open_model(p))
+        plan = plan_merge(recipe, inputs)
+        recipe.arch = plan.arch.family
+        for ref, p in zip(refs, paths):
+            ref.path = str(p)
+        hash_results: list[dict | None] = [None] * len(paths)
+        hash_errors: list[BaseException] = []
+
+        def compute_hashes():
+            try:
+                for i, p in enumerate(paths):
+                    hash_results[i] = file_hashes(p)
+            except BaseException as e:  # reported after the merge
+                hash_errors.append(e)
+
+        hasher = None
+        if verify_hashes and any(r.sha256 for r in refs):
+            compute_hashes()
+            for ref, h in zip(refs, hash_results):
+                if ref.sha256 and h and h["sha256"] != ref.sha256:
+                    raise InputError(f"'{ref.name}' is not the file this recipe was made with: its sha256 is "
+                                     f"{h['short_hash']}, the recipe says {ref.sha256[:10]}.")
+        elif hashes:
+            hasher = threading.Thread(target=compute_hashes, name="merge-hash", daemon=True)
+            hasher.start()
+        bad = execute(plan, inputs, sink, seed=recipe.seed, compute_dtype=dtype_from_name(recipe.compute_dtype),
+                      device=device, threads=threads, chunk_elems=chunk_elems, progress=progress, cancel=cancel,
+                      nonfinite=recipe.nonfinite)
+        if hasher is not None:
+            hasher.join()
+        warnings = list(plan.warnings)
+        if bad:
+            warnings.append(f"NaN/Inf values in {len(bad)} key(s): {', '.join(bad[:10])}"
+                            f"{' ...' if len(bad) > 10 else ''}.")
+        for ref, h in zip(refs, hash_results):
+            if h:
+                ref.sha256, ref.short_hash = h["sha256"], h["short_hash"]
+        metadata = recipe.metadata([m.metadata for m in inputs],
+                                   [h["legacy_hash"] if h else None for h in hash_results])
+        try:
+            output = sink.close(metadata)
+        except BaseException:
+            sink.abort()
+            raise
+        return MergeResult(recipe, plan.arch, warnings, bad, time.monotonic() - started, output, metadata)
+    except MergeError:
+        raise
+    except MemoryError:
+        raise MergeError("Out of memory during the merge: lower the thread count or close other programs.") from None
+    finally:
+        for m in inputs:
+            m.close()

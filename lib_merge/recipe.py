@@ -1,0 +1,180 @@
+"""Recipes: pure data describing a merge, to and from JSON, safetensors metadata and infotext.
+
+A recipe names its inputs (with sha256 and short hash once known), the method and its parameters, block
+weights, seed, dtypes and the components merged. It goes into every saved file's metadata, twice:
+`sd_merge_recipe` / `sd_merge_models` in the WebUI's own shape (so the WebUI and other tools show it), and
+the full recipe under `merge_lab_recipe`, which `merge --recipe` reads back to redo the merge bit for bit.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .arch import COMPONENTS, TEXT_ENCODER, UNET, VAE
+from .errors import InputError
+
+RECIPE_FORMAT = "merge-lab-recipe"
+RECIPE_VERSION = 1
+METADATA_KEY = "merge_lab_recipe"
+
+
+@dataclass
+class ModelRef:
+    name: str                       # file name as the user knows it
+    path: str | None = None         # where it was found (not needed to redo: names are resolved)
+    sha256: str | None = None
+    short_hash: str | None = None   # the WebUI's 10-hex-digit hash
+
+    @classmethod
+    def from_json(cls, d: Any) -> "ModelRef":
+        if isinstance(d, str):
+            return cls(name=d)
+        if not isinstance(d, dict) or "name" not in d:
+            raise InputError("Recipe: each model must be a name or an object with a 'name'.")
+        return cls(name=str(d["name"]), path=d.get("path"), sha256=d.get("sha256"), short_hash=d.get("short_hash"))
+
+
+@dataclass
+class Recipe:
+    method: str
+    models: list[ModelRef]
+    params: dict[str, Any] = field(default_factory=dict)
+    blocks: dict[str, list[float]] = field(default_factory=dict)   # blockwise param name -> one value per block
+    base: ModelRef | None = None
+    seed: int = 0
+    compute_dtype: str = "float32"
+    dtype: str = "float16"
+    components: list[str] = field(default_factory=lambda: [UNET, TEXT_ENCODER])
+    missing_keys: str = "keep_a"     # keep_a | error
+    nonfinite: str = "warn"          # warn | error
+    arch: str | None = None          # filled in when the inputs are opened
+
+    def validate(self) -> None:
+        from .methods import get_method
+        spec = get_method(self.method)
+        if len(self.models) != spec.n_models:
+            roles = ", ".join(spec.inputs)
+            raise InputError(f"{self.method} takes {spec.n_models} models ({roles}), got {len(self.models)}.")
+        self.params = spec.resolve_params(self.params)
+        for name, values in self.blocks.items():
+            p = spec.param(name)
+            if not p.blockwise:
+                raise InputError(f"{self.method}: parameter '{name}' cannot be set per block.")
+            for v in values:
+                p.coerce(v, self.method)
+        bad = [c for c in self.components if c not in COMPONENTS]
+        if bad:
+            raise InputError(f"Unknown component(s) {bad}: use {', '.join(COMPONENTS)}.")
+        if self.compute_dtype not in ("float32", "float64"):
+            raise InputError(f"Compute precision must be float32 or float64, not '{self.compute_dtype}'.")
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise InputError(f"Output dtype must be float16, bfloat16 or float32, not '{self.dtype}'.")
+        if self.missing_keys not in ("keep_a", "error"):
+            raise InputError(f"missing_keys must be keep_a or error, not '{self.missing_keys}'.")
+        if self.nonfinite not in ("warn", "error"):
+            raise InputError(f"nonfinite must be warn or error, not '{self.nonfinite}'.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise InputError(f"The seed must be an integer, not '{self.seed}'.")
+
+    # ------------------------------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        d = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION}
+        d.update(asdict(self))
+        if self.base is None:
+            d.pop("base")
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Recipe":
+        if not isinstance(d, dict):
+            raise InputError("A recipe must be a JSON object.")
+        fmt = d.get("format", RECIPE_FORMAT)
+        if fmt != RECIPE_FORMAT:
+            raise InputError(f"This is not a Merge Lab recipe (format '{fmt}').")
+        version = d.get("version", RECIPE_VERSION)
+        if not isinstance(version, int) or version > RECIPE_VERSION:
+            raise InputError(f"Recipe version {version} is newer than this Merge Lab understands ({RECIPE_VERSION}); update Merge Lab.")
+        if "method" not in d or "models" not in d:
+            raise InputError("A recipe needs 'method' and 'models'.")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known - {"format", "version"}
+        if unknown:
+            raise InputError(f"Unknown recipe field(s): {', '.join(sorted(unknown))}.")
+        models = d["models"]
+        if not isinstance(models, list):
+            raise InputError("Recipe: 'models' must be a list.")
+        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["models"] = [ModelRef.from_json(m) for m in models]
+        if d.get("base") is not None:
+            kwargs["base"] = ModelRef.from_json(d["base"])
+        if not isinstance(kwargs.get("params", {}), dict) or not isinstance(kwargs.get("blocks", {}), dict):
+            raise InputError("Recipe: 'params' and 'blocks' must be objects.")
+        r = cls(**kwargs)
+        r.validate()
+        return r
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"The recipe is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno}).") from None
+        return cls.from_dict(data)
+
+    # ------------------------------------------------------------------------------------- metadata
+    def metadata(self, input_metadata: list[dict[str, str]] | None = None,
+                 legacy_hashes: list[str | None] | None = None) -> dict[str, str]:
+        """safetensors metadata: our recipe plus the WebUI's `sd_merge_recipe` / `sd_merge_models`.
+
+        Nested recipes of merged inputs are carried over into `sd_merge_models`, as the WebUI does.
+        Nothing time-dependent goes in, so redoing a recipe gives the same file bytes.
+        """
+        refs = self.models + ([self.base] if self.base else [])
+        webui = {
+            "type": "merge-lab",
+            "primary_model_hash": refs[0].sha256 if refs else None,
+            "secondary_model_hash": refs[1].sha256 if len(refs) > 1 else None,
+            "tertiary_model_hash": refs[2].sha256 if len(refs) > 2 else None,
+            "interp_method": self.method,
+            "multiplier": self.params.get("alpha"),
+            "save_as_half": self.dtype == "float16",
+            "bake_in_vae": None,
+            "discard_weights": "",
+            "is_inpainting": False,
+            "is_instruct_pix2pix": False,
+        }
+        models: dict[str, dict] = {}
+        for i, ref in enumerate(refs):
+            meta = (input_metadata or [{}] * len(refs))[i] if input_metadata and i < len(input_metadata) else {}
+            nested = None
+            if meta.get("sd_merge_recipe"):
+                try:
+                    nested = json.loads(meta["sd_merge_recipe"])
+                except ValueError:
+                    nested = None
+            if meta.get("sd_merge_models"):
+                try:
+                    models.update(json.loads(meta["sd_merge_models"]))
+                except ValueError:
+                    pass
+            if ref.sha256:
+                legacy = legacy_hashes[i] if legacy_hashes and i < len(legacy_hashes) else None
+                models[ref.sha256] = {"name": ref.name, "legacy_hash": legacy, "sd_merge_recipe": nested}
+        public = self.to_dict()
+        for m in public["models"] + ([public["base"]] if public.get("base") else []):
+            m.pop("path", None)  # local paths stay private
+        return {
+            "sd_merge_recipe": json.dumps(webui),
+            "sd_merge_models": json.dumps(models),
+            METADATA_KEY: json.dumps(public),
+            "format": "pt",
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> "Recipe | None":
+        raw = metadata.get(METADATA_KEY)
+        return cls.from_json(raw) if raw else None
