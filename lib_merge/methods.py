@@ -3,6 +3,8 @@
 A method is `fn(inputs, *, rng, **params) -> Tensor`: `inputs` are the tensors of one key (or one row
 chunk of it) in the method's input order, already on the compute device in the compute dtype; params are
 scalars resolved for that key by the engine (block weights included). No I/O, no globals.
+The inputs are the engine's scratch copies: a method may overwrite them (and return one of them), which
+spares an allocation per chunk on the hot path.
 
 The spec (`Param`) is the one place a parameter is described: the UI's widgets, the CLI's flags
 (`--param NAME=VALUE`, `--alpha`, `--beta`), the HTTP API's method list and recipe validation all read it.
@@ -131,7 +133,7 @@ BETA = Param("beta", float, 0.5, (-1.0, 2.0), "weight of C", blockwise=True)
 def weighted_sum(inputs, *, alpha, rng=None):
     """Linear interpolation between A and B (exact A at α=0 and exact B at α=1)."""
     a, b = inputs
-    return torch.lerp(a, b, alpha)
+    return a.lerp_(b, alpha)
 
 
 @merge_method("add_difference", inputs=("A", "B", "C"),
@@ -140,7 +142,7 @@ def weighted_sum(inputs, *, alpha, rng=None):
 def add_difference(inputs, *, alpha, rng=None):
     """Add what B learned over C (e.g. an inpainting or style difference) to A."""
     a, b, c = inputs
-    return a + (b - c) * alpha
+    return b.sub_(c).mul_(alpha).add_(a)
 
 
 @merge_method("sum_twice", inputs=("A", "B", "C"), params=[ALPHA, BETA], label="Sum twice",
@@ -148,7 +150,7 @@ def add_difference(inputs, *, alpha, rng=None):
 def sum_twice(inputs, *, alpha, beta, rng=None):
     """Weighted sum of A and B, then weighted sum of that with C."""
     a, b, c = inputs
-    return torch.lerp(torch.lerp(a, b, alpha), c, beta)
+    return a.lerp_(b, alpha).lerp_(c, beta)
 
 
 @merge_method("triple_sum", inputs=("A", "B", "C"),
@@ -158,4 +160,4 @@ def sum_twice(inputs, *, alpha, beta, rng=None):
 def triple_sum(inputs, *, alpha, beta, rng=None):
     """Three-way weighted sum; A gets what α and β leave."""
     a, b, c = inputs
-    return a * (1 - alpha - beta) + b * alpha + c * beta
+    return a.mul_(1 - alpha - beta).add_(b.mul_(alpha)).add_(c.mul_(beta))

@@ -1,0 +1,49 @@
+"""Packaging: the extension imports cheaply, install.py respects the WebUI, CI runs README's test command."""
+import re
+import runpy
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_extension_import_is_cheap():
+    code = (
+        "import sys, runpy; runpy.run_path('scripts/merge_lab.py');"
+        "import lib_merge.engine, lib_merge.cli;"
+        "heavy = [m for m in ('matplotlib', 'diffusers', 'ImageReward', 'transformers', 'gradio') if m in sys.modules];"
+        "print(heavy)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
+
+
+def test_install_py_installs_only_missing_tagged_requirements(monkeypatch):
+    calls, checked = [], []
+    launch = types.ModuleType("launch")
+    launch.is_installed = lambda name: checked.append(name) or name == "matplotlib"
+    launch.run_pip = lambda args, desc: calls.append(args)
+    monkeypatch.setitem(sys.modules, "launch", launch)
+    runpy.run_path(str(ROOT / "install.py"))
+    assert "matplotlib" in checked and "bayes_opt" in checked
+    assert calls == ['install "bayesian-optimization>=3,<4"']
+    for forbidden in ("torch", "gradio", "numpy", "safetensors", "transformers"):
+        assert forbidden not in checked
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_cmd = re.search(r"^\s*(bash test\.sh)\s*$", readme, re.M)
+    run_cmd = re.search(r"^\s*(bash run\.sh)\s*$", readme, re.M)
+    assert test_cmd and run_cmd
+    assert test_cmd.group(1) in ci
+
+
+def test_requirements_pin_the_webui_stack():
+    req = (ROOT / "requirements.txt").read_text()
+    for pin in ("torch==2.14.1", "torchvision==0.29.1", "gradio==3.41.2", "image-reward==1.5", "numpy<2"):
+        assert pin in req
