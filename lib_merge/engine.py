@@ -68,6 +68,10 @@ def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
     archs = [(m.name, archmod.detect(s, m.name)) for m, s in zip(inputs, shapes)]
     arch = archmod.check_same_family(archs)
     family = arch.family
+    count = archmod.FAMILY_BLOCK_COUNT[family]
+    for name, values in recipe.blocks.items():
+        if values is not None and len(values) != count:
+            raise InputError(f"{arch.label} takes {count} block weights for '{name}', the recipe has {len(values)}.")
     out_dtype = dtype_from_name(recipe.dtype)
     a = inputs[0]
     others = inputs[1:]
@@ -269,7 +273,8 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
         # one cheap reduction instead of isfinite().all() (10x slower): NaN/Inf propagate into the sum
         if out.dtype.is_floating_point and out.numel() and not _all_finite(out):
             with lock:
-                bad_keys.append(task.key)
+                if task.key not in bad_keys:
+                    bad_keys.append(task.key)
             if nonfinite == "error":
                 raise NonFiniteError(f"The merge produced NaN/Inf in '{task.key}'. Check the parameters "
                                      f"(or the inputs); set the non-finite policy to 'warn' to save anyway.")
@@ -371,12 +376,14 @@ class MergeResult:
 
 def resolve_model_path(ref: ModelRef, search_dirs: list[str | os.PathLike] = ()) -> Path:
     """A model reference -> an existing file: its path if it exists, else its name in the search folders."""
-    candidates = []
-    if ref.path:
-        candidates.append(Path(ref.path))
-    candidates.append(Path(ref.name))
-    for d in search_dirs:
-        candidates.append(Path(d) / ref.name)
+    if ref.path and not search_dirs:
+        # an explicit path is taken as given: never silently fall back to another file of that name
+        if Path(ref.path).is_file():
+            return Path(ref.path)
+        raise InputError(f"Model file not found: '{ref.path}'.")
+    candidates = ([Path(ref.path)] if ref.path else []) + [Path(d) / ref.name for d in search_dirs]
+    if not search_dirs:
+        candidates.append(Path(ref.name))
     for c in candidates:
         if c.is_file():
             return c

@@ -137,9 +137,9 @@ class SafetensorsFile(ModelFile):
             self.size = os.fstat(self._fd).st_size
             self.tensors, self.metadata, self.data_start = self._parse_header()
         except BaseException:
-            os.close(self._fd)
+            fd, self._fd = self._fd, None
+            os.close(fd)
             raise
-        self._lock = threading.Lock()
 
     def _parse_header(self):
         where = f"'{self.path.name}'"
@@ -197,6 +197,8 @@ class SafetensorsFile(ModelFile):
         shape, offset, nbytes = list(info.shape), info.offset, info.nbytes
         if rows is not None and shape:
             r0, r1 = rows
+            if not 0 <= r0 <= r1 <= shape[0]:
+                raise ValueError(f"rows {rows} outside {key} with {shape[0]} rows")
             row_bytes = nbytes // shape[0] if shape[0] else 0
             offset += r0 * row_bytes
             nbytes = (r1 - r0) * row_bytes
@@ -210,9 +212,9 @@ class SafetensorsFile(ModelFile):
         return raw.view(info.dtype).view(shape) if info.dtype.itemsize else raw
 
     def close(self):
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def __del__(self):
         try:
@@ -456,12 +458,13 @@ class SafetensorsWriter:
             else:
                 os.ftruncate(self._fd, self.total_size)
         except OSError as e:
-            self.abort()
-            if e.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise DiskFullError(f"Not enough free space in '{folder}' for {self.total_size / 2**30:.2f} GiB.") from None
-            if e.errno not in (95, 22):  # EOPNOTSUPP / EINVAL: the filesystem cannot preallocate; fine
+            if e.errno in (95, 22):  # EOPNOTSUPP / EINVAL: the filesystem cannot preallocate; a sparse file will do
+                os.ftruncate(self._fd, self.total_size)
+            else:
+                self.abort()
+                if e.errno in (28, 122):  # ENOSPC, EDQUOT
+                    raise DiskFullError(f"Not enough free space in '{folder}' for {self.total_size / 2**30:.2f} GiB.") from None
                 raise OutputError(f"Cannot reserve space for '{self.path.name}': {e.strerror}.") from None
-            os.ftruncate(self._fd, self.total_size)
 
     def write(self, key: str, tensor: torch.Tensor, row0: int = 0) -> None:
         """Write `tensor` (already in the output dtype, on the CPU) as rows starting at `row0` of `key`."""
