@@ -72,7 +72,7 @@ def build_recipe(args) -> "Recipe":
         raise InputError("Give --method (or --recipe FILE).")
     spec = get_method(args.method)
     if not args.model:
-        raise InputError(f"{spec.name} needs {spec.n_models} models: give --model once per model ({', '.join(spec.inputs)}).")
+        raise InputError(f"{spec.name} needs models: give --model once per model ({', '.join(spec.inputs)}).")
     params: dict = {}
     for text in args.param or []:
         name, value = _parse_param(text)
@@ -84,15 +84,20 @@ def build_recipe(args) -> "Recipe":
     components = [UNET, TEXT_ENCODER] + ([VAE] if args.merge_vae else [])
     if args.unet_only:
         components = [UNET] + ([VAE] if args.merge_vae else [])
+    base = ModelRef(name=Path(args.base).name, path=args.base) if args.base else None
     recipe = Recipe(method=spec.name, models=[ModelRef(name=Path(m).name, path=m) for m in args.model],
-                    params=params, seed=args.seed, compute_dtype=args.compute_dtype, dtype=args.dtype,
+                    base=base, params=params, seed=args.seed, compute_dtype=args.compute_dtype, dtype=args.dtype,
                     components=components, missing_keys=args.missing_keys, nonfinite=args.nonfinite)
     if args.blocks or args.blocks_beta:
         # the architecture decides how many block weights there are: read A's header
         with open_model(args.model[0]) as a:
             family = detect({k: i.shape for k, i in a.tensors.items()}, a.name).family
         resolved = spec.resolve_params(params)
-        for name, text in (("alpha", args.blocks), ("beta", args.blocks_beta)):
+        blockwise = spec.blockwise_params
+        if args.blocks and not blockwise:
+            raise InputError(f"{spec.name} has no parameter that can be set per block.")
+        # --blocks sets the method's first per-block parameter (α, or λ for the many-model methods)
+        for name, text in ((blockwise[0] if blockwise else None, args.blocks), ("beta", args.blocks_beta)):
             if text:
                 spec.param(name)
                 recipe.blocks[name] = parse_blocks(text, family, resolved[name])
@@ -129,11 +134,14 @@ def cmd_methods(args) -> int:
         print(json.dumps([m.describe() for m in METHODS.values()], indent=2))
         return 0
     for m in METHODS.values():
-        print(f"{m.name:16s} {m.label}: {m.formula}   models: {', '.join(m.inputs)}")
+        models = "2 or more" if m.many else ", ".join(m.inputs)
+        base = {"required": ", base required", "optional": ", base optional"}.get(m.base, "")
+        print(f"{m.name:16s} {m.label}: {m.formula}   models: {models}{base}")
         for p in m.params:
             rng = f" [{p.range[0]}, {p.range[1]}]" if p.range else ""
             bw = " (per block)" if p.blockwise else ""
-            print(f"    --param {p.name}=<{getattr(p.kind, '__name__', 'choice')}> default {p.default}{rng}{bw}: {p.help}")
+            kind = '|'.join(p.kind.options) if hasattr(p.kind, 'options') else getattr(p.kind, '__name__', p.kind)
+            print(f"    --param {p.name}=<{kind}> default {p.default}{rng}{bw}: {p.help}")
     return 0
 
 
@@ -158,11 +166,13 @@ def make_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge checkpoints into a .safetensors file")
     m.add_argument("--recipe", help="a recipe JSON file (from a saved model's metadata or the UI)")
     m.add_argument("--method", help="merge method (see `methods`)")
-    m.add_argument("--model", action="append", help="input model, in the method's order (A, B, C...)")
+    m.add_argument("--model", action="append", help="input model, in the method's order (A, B, C...); repeat for many")
+    m.add_argument("--base", help="base model θ0 for the methods that use deltas (TIES, DARE, Model Stock...)")
     m.add_argument("--alpha", type=float, help="α (weight of B); per block with --blocks")
     m.add_argument("--beta", type=float, help="β (weight of C) where the method has one")
     m.add_argument("--param", action="append", metavar="NAME=VALUE", help="any method parameter by its spec name")
-    m.add_argument("--blocks", help="α per block: 26 (SD1/SD2) or 20 (SDXL) numbers, NAME=value pairs with *, or a preset")
+    m.add_argument("--blocks", help="α (λ for many-model methods) per block: 26 (SD1/SD2) or 20 (SDXL) numbers, "
+                                    "NAME=value pairs with *, or a preset")
     m.add_argument("--blocks-beta", help="β per block, same forms as --blocks")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])

@@ -11,6 +11,7 @@ Sinks: FileSink (streaming .safetensors, atomic) and DictSink (in memory). Both 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -30,6 +31,15 @@ from .recipe import ModelRef, Recipe
 from .weights import value_for_key
 
 DEFAULT_CHUNK_ELEMS = 1 << 21   # 2 M elements per chunk: 8 MB in float32, small enough to reuse heap memory
+WORKER_BUDGET_BYTES = 192 << 20  # per worker, for the chunks of all inputs and a method's temporaries
+
+
+def chunk_elems_for(n_inputs: int) -> int:
+    """Elements per chunk so that a worker's buffers stay within WORKER_BUDGET_BYTES for n inputs.
+
+    About 12 bytes per element and input: the raw read, the float32 stack, and the method's temporaries.
+    """
+    return max(1 << 16, min(DEFAULT_CHUNK_ELEMS, WORKER_BUDGET_BYTES // (12 * max(n_inputs, 1))))
 
 DROPPED_PREFIXES = ("model_ema.",)  # EMA copies of A would mislabel a merge; the WebUI does not use them
 
@@ -51,6 +61,7 @@ class Plan:
     method: MethodSpec
     tasks: list[Task]
     warnings: list[str]
+    n_models: int = 2                # inputs[:n_models] are the models, inputs[n_models] the base if any
 
     @property
     def entries(self):
@@ -62,7 +73,10 @@ class Plan:
 
 
 def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
-    """One task per output key. The output has A's keys (minus EMA); what is merged follows the recipe."""
+    """One task per output key. The output has A's keys (minus EMA); what is merged follows the recipe.
+
+    `inputs` are the recipe's models in order, then its base model if it has one. A is the first model.
+    """
     spec = get_method(recipe.method)
     shapes = [{k: info.shape for k, info in m.tensors.items()} for m in inputs]
     archs = [(m.name, archmod.detect(s, m.name)) for m, s in zip(inputs, shapes)]
@@ -116,7 +130,7 @@ def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
     extra = {k for k in extra if not k.startswith(DROPPED_PREFIXES)}
     if extra:
         warnings.append(f"{len(extra)} key(s) present only in other models were left out (the output follows A's keys).")
-    return Plan(arch, spec, tasks, warnings)
+    return Plan(arch, spec, tasks, warnings, n_models=len(recipe.models))
 
 
 # -------------------------------------------------------------------------------------------- sinks
@@ -201,11 +215,15 @@ class _Workspace:
     def raw(self, slot: int, nbytes: int) -> torch.Tensor:
         return self._get(("raw", slot), nbytes, torch.uint8, torch.device("cpu"))
 
-    def compute(self, slot: int, src: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A copy of `src` in the compute dtype on the device, in a reused buffer (methods may overwrite it)."""
-        buf = self._get(("compute", slot), src.numel(), dtype, device).view(src.shape)
-        buf.copy_(src)
-        return buf
+    def stack(self, name: str, n: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A reused (n, *shape) buffer: one row per input model, filled by the reader."""
+        numel = n
+        for d in shape:
+            numel *= d
+        return self._get(("stack", name), numel, dtype, device).view((n,) + tuple(shape))
+
+    def floats(self, name: str, numel: int) -> torch.Tensor:
+        return self._get(("floats", name), numel, torch.float32, torch.device("cpu"))
 
     def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`t` in the output dtype on the CPU (a reused buffer unless `t` already is)."""
@@ -228,18 +246,153 @@ class Progress:
         return self.done_bytes / self.total_bytes if self.total_bytes else 1.0
 
 
-def _rng_for(seed: int, key: str) -> torch.Generator:
-    """A CPU generator seeded from (seed, key): the same draws on any device, thread count or key order."""
-    import hashlib
+RNG_BLOCK_ELEMS = 1 << 16   # random draws are made per block of rows of about this many elements
+
+
+def key_seed(seed: int, key: str) -> int:
+    """A 63-bit seed from (recipe seed, key): independent of device, thread count and key order."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return g
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _mix(*values: int) -> int:
+    """splitmix64-style mixing of a few integers into one 63-bit seed."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & ((1 << 63) - 1)
+
+
+def rng_block_rows(shape: tuple[int, ...]) -> int:
+    """Rows per random block of a tensor: chunks are whole numbers of these blocks."""
+    if len(shape) == 0:
+        return 1
+    per_row = 1
+    for d in shape[1:]:
+        per_row *= d
+    return max(1, RNG_BLOCK_ELEMS // max(per_row, 1))
+
+
+class ChunkRandom:
+    """Random numbers for one chunk of one key that do not depend on how the key was chunked.
+
+    Each block of `rng_block_rows` rows draws from its own CPU generator seeded from (seed, key, stream,
+    block), so a chunk made of blocks 3..5 gets the same numbers whether it is read alone or inside a
+    whole-tensor pass, on any device. `stream` separates independent draws (one per model, say).
+    """
+
+    def __init__(self, seed: int, key: str, shape: tuple[int, ...], rows: tuple[int, int] | None):
+        self.base = key_seed(seed, key)
+        self.shape = tuple(shape)
+        self.block_rows = rng_block_rows(self.shape)
+        self.rows = rows if rows is not None else ((0, self.shape[0]) if self.shape else (0, 1))
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        if not self.shape:
+            return ()
+        return (self.rows[1] - self.rows[0],) + self.shape[1:]
+
+    def uniform(self, stream: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """U[0, 1) float32 of the chunk's shape, on the CPU."""
+        shape = self.chunk_shape
+        per_row = 1
+        for d in shape[1:]:
+            per_row *= d
+        numel = per_row * (shape[0] if shape else 1)
+        flat = out.view(-1)[:numel] if out is not None else torch.empty(numel, dtype=torch.float32)
+        r0, r1 = self.rows
+        g = torch.Generator(device="cpu")
+        first, last = r0 // self.block_rows, (r1 - 1) // self.block_rows
+        for b in range(first, last + 1):
+            b0, b1 = b * self.block_rows, (b + 1) * self.block_rows
+            lo, hi = max(b0, r0), min(b1, r1)
+            g.manual_seed(_mix(self.base, stream, b))
+            block = torch.rand((min(b1, self.shape[0] if self.shape else 1) - b0) * per_row, generator=g)
+            flat[(lo - r0) * per_row:(hi - r0) * per_row] = block[(lo - b0) * per_row:(hi - b0) * per_row]
+        return flat.view(shape)
+
+    def keep_mask(self, stream: int, drop: float, device: torch.device) -> torch.Tensor:
+        """Bernoulli keep mask with P(keep) = 1 − drop, on the device."""
+        return (self.uniform(stream) >= drop).to(device)
+
+
+@dataclass
+class Chunk:
+    rows: tuple[int, int] | None     # rows of the key's first dimension; None = the whole tensor
+    models: torch.Tensor             # (n_models, *chunk shape) in the compute dtype, scratch: may be overwritten
+    base: torch.Tensor | None
+    rng: ChunkRandom
+
+
+class KeyStream:
+    """One key of every input, in row chunks, for a method's statistics passes and the final pass.
+
+    Chunks hold whole random blocks (see ChunkRandom) so random methods give the same bits whatever the
+    chunk size. Each pass re-reads the inputs into the worker's reused buffers.
+    """
+
+    def __init__(self, key: str, shape: tuple[int, ...], models: list[ModelFile], base: ModelFile | None,
+                 ws: _Workspace, device: torch.device, dtype: torch.dtype, chunk_elems: int | None,
+                 seed: int, region: tuple[int, ...] | None = None):
+        self.key, self.models, self.base_file, self.ws = key, models, base, ws
+        self.device, self.dtype, self.seed, self.region = device, dtype, seed, region
+        self.shape = tuple(region) if region is not None else tuple(shape)
+        self.n = len(models)
+        if region is not None or not self.shape or chunk_elems is None:
+            self.chunk_rows = None
+        else:
+            per_row = 1
+            for d in self.shape[1:]:
+                per_row *= d
+            block = rng_block_rows(self.shape)
+            rows = max(block, (chunk_elems // max(per_row, 1)) // block * block)
+            self.chunk_rows = None if rows >= self.shape[0] else rows
+
+    def row_ranges(self):
+        if self.chunk_rows is None:
+            yield None
+            return
+        for r0 in range(0, self.shape[0], self.chunk_rows):
+            yield (r0, min(self.shape[0], r0 + self.chunk_rows))
+
+    def _read_into(self, dst: torch.Tensor, slot: int, model: ModelFile, rows) -> None:
+        if self.region is not None:
+            src = model.read(self.key)[tuple(slice(0, d) for d in self.region)]
+        else:
+            info = model.tensors[self.key]
+            nbytes = info.nbytes
+            if rows is not None:
+                nbytes = (info.nbytes // info.shape[0]) * (rows[1] - rows[0])
+            src = model.read(self.key, rows, self.ws.raw(slot, nbytes))
+        dst.copy_(src)
+
+    def chunks(self):
+        for rows in self.row_ranges():
+            shape = self.shape if rows is None else (rows[1] - rows[0],) + self.shape[1:]
+            stack = self.ws.stack("models", self.n, shape, self.dtype, self.device)
+            for i, m in enumerate(self.models):
+                self._read_into(stack[i], i, m, rows)
+            base = None
+            if self.base_file is not None:
+                base = self.ws.stack("base", 1, shape, self.dtype, self.device)[0]
+                self._read_into(base, self.n, self.base_file, rows)
+            yield Chunk(rows, stack, base, ChunkRandom(self.seed, self.key, self.shape, rows))
+
+    def whole(self, i: int) -> torch.Tensor:
+        """Input i (models..., then the base at index n) as a fresh whole tensor in the compute dtype."""
+        model = self.models[i] if i < self.n else self.base_file
+        t = model.read(self.key)
+        if self.region is not None:
+            t = t[tuple(slice(0, d) for d in self.region)]
+        return t.to(self.device, self.dtype, copy=True)
 
 
 def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
             compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-            threads: int | None = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+            threads: int | None = None, chunk_elems: int | None = None,
             progress: Callable[[Progress], None] | None = None,
             cancel: Callable[[], bool] | None = None, nonfinite: str = "warn") -> list[str]:
     """Run every task into the sink. Returns the keys that came out non-finite (policy 'warn')."""
@@ -247,7 +400,10 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
     if threads is None:
         threads = max(1, min(os.cpu_count() or 1, 8)) if device.type == "cpu" else 2
     spec = plan.method
-    a = inputs[0]
+    models, base = inputs[:plan.n_models], (inputs[plan.n_models] if len(inputs) > plan.n_models else None)
+    a = models[0]
+    if chunk_elems is None:
+        chunk_elems = chunk_elems_for(len(inputs))
     total = plan.total_bytes
     done = [0]
     lock = threading.Lock()
@@ -262,12 +418,12 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
             ws = local.ws = _Workspace()
         return ws
 
-    def read(slot: int, model: ModelFile, key: str, rows, ws: _Workspace) -> torch.Tensor:
+    def read(model: ModelFile, key: str, rows, ws: _Workspace) -> torch.Tensor:
         info = model.tensors[key]
         nbytes = info.nbytes
         if rows is not None and info.shape:
             nbytes = (info.nbytes // info.shape[0]) * (rows[1] - rows[0]) if info.shape[0] else 0
-        return model.read(key, rows, ws.raw(slot, nbytes))
+        return model.read(key, rows, ws.raw(0, nbytes))
 
     def emit(task: Task, out: torch.Tensor, row0: int) -> None:
         # one cheap reduction instead of isfinite().all() (10x slower): NaN/Inf propagate into the sum
@@ -289,21 +445,20 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
         ws = workspace()
         if task.action == "copy":
             for rows in _chunks(task.shape, chunk_elems):
-                t = read(0, a, task.key, rows, ws)
+                t = read(a, task.key, rows, ws)
                 emit(task, ws.cast(t, task.out_dtype), rows[0] if rows else 0)
-        elif task.region is not None:
-            tensors = [m.read(task.key).to(device, compute_dtype) for m in inputs]
-            out = tensors[0].clone()
-            region = tuple(slice(0, d) for d in task.region)
-            out[region] = spec.fn([t[region] for t in tensors], rng=_rng_for(seed, task.key), **task.params)
-            emit(task, ws.cast(out, task.out_dtype), 0)
         else:
-            rng = _rng_for(seed, task.key)
-            for rows in _chunks(task.shape, chunk_elems if spec.elementwise else None):
-                tensors = [ws.compute(i, read(i, m, task.key, rows, ws), compute_dtype, device)
-                           for i, m in enumerate(inputs)]
-                out = spec.fn(tensors, rng=rng, **task.params)
-                emit(task, ws.cast(out, task.out_dtype), rows[0] if rows else 0)
+            stream = KeyStream(task.key, task.shape, models, base, ws, device, compute_dtype,
+                               chunk_elems if spec.chunkable else None, seed, task.region)
+            stats = spec.prepare(stream, **task.params) if spec.prepare is not None else None
+            if task.region is not None:
+                full = a.read(task.key).to(device, compute_dtype)
+            for chunk in stream.chunks():
+                out = spec.fn(chunk.models, base=chunk.base, stats=stats, rng=chunk.rng, **task.params)
+                if task.region is not None:
+                    full[tuple(slice(0, d) for d in task.region)] = out
+                    out = full
+                emit(task, ws.cast(out, task.out_dtype), chunk.rows[0] if chunk.rows else 0)
         with lock:
             done[0] += task.nbytes
             if progress is not None:
@@ -392,7 +547,7 @@ def resolve_model_path(ref: ModelRef, search_dirs: list[str | os.PathLike] = ())
 
 
 def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = (), device: str = "cpu",
-          threads: int | None = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+          threads: int | None = None, chunk_elems: int | None = None,
           progress: Callable[[Progress], None] | None = None, cancel: Callable[[], bool] | None = None,
           verify_hashes: bool = False, hashes: bool = True) -> MergeResult:
     """Open the inputs, plan, merge into `sink`, and finish it with the recipe in the metadata.
@@ -402,7 +557,7 @@ def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = 
     """
     started = time.monotonic()
     recipe.validate()
-    refs = recipe.models
+    refs = recipe.models + ([recipe.base] if recipe.base is not None else [])
     paths = [resolve_model_path(r, search_dirs) for r in refs]
     if isinstance(sink, FileSink):
         sink.inputs = paths

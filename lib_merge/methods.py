@@ -39,6 +39,15 @@ class Param:
     def coerce(self, value: Any, method: str) -> Any:
         """Check and convert a user value; errors name the method, the parameter and the allowed range."""
         where = f"{method}: parameter '{self.name}'"
+        if self.kind == "floats":
+            if value is None:
+                return None
+            if isinstance(value, str):
+                value = [v for v in value.replace(";", ",").split(",") if v.strip()]
+            try:
+                return [float(v) for v in value]
+            except (TypeError, ValueError):
+                raise InputError(f"{where} must be a list of numbers, not '{value}'.") from None
         if isinstance(self.kind, Choice):
             if value not in self.kind.options:
                 raise InputError(f"{where} must be one of {', '.join(self.kind.options)}, not '{value}'.")
@@ -65,7 +74,8 @@ class Param:
         return value
 
     def describe(self) -> dict:
-        kind = {"choice": list(self.kind.options)} if isinstance(self.kind, Choice) else self.kind.__name__
+        kind = ({"choice": list(self.kind.options)} if isinstance(self.kind, Choice)
+                else self.kind if isinstance(self.kind, str) else self.kind.__name__)
         return {"name": self.name, "kind": kind, "default": self.default, "range": self.range,
                 "help": self.help, "blockwise": self.blockwise}
 
@@ -74,17 +84,35 @@ class Param:
 class MethodSpec:
     name: str
     fn: Callable[..., torch.Tensor]
-    inputs: tuple[str, ...]          # roles of the input models, e.g. ("A", "B", "C")
+    inputs: tuple[str, ...]          # roles of the input models, e.g. ("A", "B", "C"); ("models",) for many
     params: tuple[Param, ...]
     label: str = ""
     formula: str = ""
     help: str = ""
-    elementwise: bool = True         # output element i depends only on input elements i: safe to chunk
-    extra: dict = field(default_factory=dict)
+    many: bool = False               # takes 2..MAX_MODELS models instead of fixed roles
+    base: str = "none"               # "none" | "optional" | "required": a base model θ0 (deltas δi = θi − θ0)
+    prepare: Callable | None = None  # whole-tensor statistics, computed in streaming passes before the merge
+    chunkable: bool = True           # the final pass may run in row chunks (needs prepare for global stats)
 
     @property
-    def n_models(self) -> int:
-        return len(self.inputs)
+    def n_models(self) -> int | None:
+        return None if self.many else len(self.inputs)
+
+    def check_models(self, n_models: int, has_base: bool) -> None:
+        if self.many:
+            if not 2 <= n_models <= MAX_MODELS:
+                raise InputError(f"{self.name} takes 2 to {MAX_MODELS} models, got {n_models}.")
+        elif n_models != len(self.inputs):
+            raise InputError(f"{self.name} takes {len(self.inputs)} models ({', '.join(self.inputs)}), got {n_models}.")
+        if self.base == "required" and not has_base:
+            raise InputError(f"{self.name} needs a base model (the model the others were fine-tuned from, "
+                             f"e.g. SD1.5 itself): give --base.")
+        if self.base == "none" and has_base:
+            raise InputError(f"{self.name} does not use a base model: leave --base out.")
+
+    @property
+    def blockwise_params(self) -> list[str]:
+        return [p.name for p in self.params if p.blockwise]
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -100,20 +128,23 @@ class MethodSpec:
         return {p.name: p.coerce(given.get(p.name, p.default), self.name) for p in self.params}
 
     def describe(self) -> dict:
-        return {"name": self.name, "label": self.label, "inputs": list(self.inputs), "formula": self.formula,
-                "help": self.help, "params": [p.describe() for p in self.params]}
+        return {"name": self.name, "label": self.label, "inputs": list(self.inputs), "many": self.many,
+                "base": self.base, "formula": self.formula, "help": self.help,
+                "params": [p.describe() for p in self.params]}
 
 
 METHODS: dict[str, MethodSpec] = {}
+MAX_MODELS = 100
 
 
-def merge_method(name: str, *, inputs: tuple[str, ...], params: list[Param], label: str = "", formula: str = "",
-                 help: str = "", elementwise: bool = True):
+def merge_method(name: str, *, inputs: tuple[str, ...] = ("models",), params: list[Param], label: str = "",
+                 formula: str = "", help: str = "", many: bool = False, base: str = "none",
+                 prepare: Callable | None = None, chunkable: bool = True):
     def register(fn):
         if name in METHODS:
             raise RuntimeError(f"merge method '{name}' registered twice")
         METHODS[name] = MethodSpec(name, fn, tuple(inputs), tuple(params), label or name, formula,
-                                   help or (fn.__doc__ or "").strip(), elementwise)
+                                   help or (fn.__doc__ or "").strip(), many, base, prepare, chunkable)
         return fn
     return register
 
@@ -130,7 +161,7 @@ BETA = Param("beta", float, 0.5, (-1.0, 2.0), "weight of C", blockwise=True)
 
 @merge_method("weighted_sum", inputs=("A", "B"), params=[ALPHA], label="Weighted sum",
               formula="A·(1−α) + B·α")
-def weighted_sum(inputs, *, alpha, rng=None):
+def weighted_sum(inputs, *, alpha, rng=None, base=None, stats=None):
     """Linear interpolation between A and B (exact A at α=0 and exact B at α=1)."""
     a, b = inputs
     return a.lerp_(b, alpha)
@@ -139,7 +170,7 @@ def weighted_sum(inputs, *, alpha, rng=None):
 @merge_method("add_difference", inputs=("A", "B", "C"),
               params=[Param("alpha", float, 1.0, (-1.0, 3.0), "strength of the difference B − C", blockwise=True)],
               label="Add difference", formula="A + α·(B − C)")
-def add_difference(inputs, *, alpha, rng=None):
+def add_difference(inputs, *, alpha, rng=None, base=None, stats=None):
     """Add what B learned over C (e.g. an inpainting or style difference) to A."""
     a, b, c = inputs
     return b.sub_(c).mul_(alpha).add_(a)
@@ -147,7 +178,7 @@ def add_difference(inputs, *, alpha, rng=None):
 
 @merge_method("sum_twice", inputs=("A", "B", "C"), params=[ALPHA, BETA], label="Sum twice",
               formula="(A·(1−α) + B·α)·(1−β) + C·β")
-def sum_twice(inputs, *, alpha, beta, rng=None):
+def sum_twice(inputs, *, alpha, beta, rng=None, base=None, stats=None):
     """Weighted sum of A and B, then weighted sum of that with C."""
     a, b, c = inputs
     return a.lerp_(b, alpha).lerp_(c, beta)
@@ -157,7 +188,333 @@ def sum_twice(inputs, *, alpha, beta, rng=None):
               params=[Param("alpha", float, 1 / 3, (-1.0, 2.0), "weight of B", blockwise=True),
                       Param("beta", float, 1 / 3, (-1.0, 2.0), "weight of C", blockwise=True)],
               label="Triple sum", formula="A·(1−α−β) + B·α + C·β")
-def triple_sum(inputs, *, alpha, beta, rng=None):
+def triple_sum(inputs, *, alpha, beta, rng=None, base=None, stats=None):
     """Three-way weighted sum; A gets what α and β leave."""
     a, b, c = inputs
     return a.mul_(1 - alpha - beta).add_(b.mul_(alpha)).add_(c.mul_(beta))
+
+
+# ------------------------------------------------------------------------------------ many-model methods
+# `models` is the stacked (n, *shape) tensor of one key (or row chunk) of every model; `base` is θ0's.
+# Both are scratch buffers. Deltas are taken in place: δ = models − base.
+
+LAMBDA = Param("lambda", float, 1.0, (-1.0, 3.0), "scale of the merged difference added to the base", blockwise=True)
+WEIGHTS = Param("weights", "floats", None, None, "one weight per model, in order (default: all 1)")
+ELECTION = Param("election", Choice("sum", "count", "off"), "sum",
+                 help="sign election per element: sum = sign of Σδ (the TIES paper), count = sign of Σ sign δ "
+                      "(majority vote), off = no election (mean over the models that kept the element)")
+DENSITY = Param("density", float, 1.0, (0.0, 1.0), "share of each δ kept by magnitude (top-k per tensor; 1 = keep all)")
+RESCALE = Param("rescale", bool, True, help="divide kept deltas by 1 − drop so their expected sum is unchanged")
+EPS = Param("eps", float, 1e-6, (0.0, 1.0), "smallest distance used in Weiszfeld's weights (avoids division by 0)")
+MAXITER = Param("maxiter", int, 100, (1, 10000), "most Weiszfeld iterations")
+FTOL = Param("ftol", float, 1e-20, (0.0, 1.0), "stop when the objective changes by at most ftol (relative)")
+
+
+def _drop(name: str, default: float) -> Param:
+    return Param("drop", float, default, (0.0, 1.0), "probability of dropping each element of each δ (DARE p)")
+
+
+def _model_weights(weights, n: int, like: torch.Tensor) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise InputError(f"{len(weights)} weights given for {n} models: give one weight per model.")
+    return list(weights)
+
+
+def _weighted_sum(stack: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Σ wi·stack[i], accumulated in place into stack[0] in a fixed order (deterministic)."""
+    out = stack[0].mul_(weights[0])
+    for i in range(1, stack.shape[0]):
+        out.add_(stack[i], alpha=weights[i])
+    return out
+
+
+def disjoint_merge(deltas: torch.Tensor, election: str) -> torch.Tensor:
+    """TIES' merge step: per element, the mean of the deltas whose sign agrees with the elected sign.
+
+    sum: γ = sign(Σ δi); count: γ = sign(Σ sign δi); off: mean of the non-zero δi. Zeros never count;
+    where the election ties (γ = 0) the result is 0. Divides by max(count, 1).
+    """
+    if election == "off":
+        kept = deltas != 0
+        return deltas.sum(0).div_(kept.sum(0).clamp_(min=1))
+    signs = torch.sign(deltas)
+    gamma = deltas.sum(0).sign_() if election == "sum" else signs.sum(0).sign_()
+    agree = (signs == gamma) & (signs != 0)
+    return deltas.mul_(agree).sum(0).div_(agree.sum(0).clamp_(min=1))
+
+
+def _dare_drop(deltas: torch.Tensor, drop: float, rng) -> torch.Tensor:
+    """Zero each element of each δi with probability `drop` (one random stream per model)."""
+    if drop > 0:
+        for i in range(deltas.shape[0]):
+            deltas[i].mul_(rng.keep_mask(i, drop, deltas.device))
+    return deltas
+
+
+def _check_drop(drop: float, rescale: bool) -> None:
+    if rescale and drop >= 1.0:
+        raise InputError("drop = 1 with rescale divides by zero: lower drop below 1 or turn rescale off.")
+
+
+@merge_method("uniform_soup", many=True, params=[], label="Uniform soup", formula="mean(θi)")
+def uniform_soup(models, *, base=None, stats=None, rng=None):
+    """The plain average of all models (a "model soup")."""
+    return _weighted_sum(models, [1.0 / models.shape[0]] * models.shape[0])
+
+
+@merge_method("weighted_soup", many=True, params=[WEIGHTS], label="Weighted soup", formula="Σ wi·θi / Σ wi")
+def weighted_soup(models, *, weights, base=None, stats=None, rng=None):
+    """Average with one weight per model."""
+    w = _model_weights(weights, models.shape[0], models)
+    total = sum(w)
+    if total == 0:
+        raise InputError("The model weights sum to 0: a weighted soup needs a non-zero total.")
+    return _weighted_sum(models, [x / total for x in w])
+
+
+@merge_method("task_arithmetic", many=True, base="required", params=[LAMBDA, WEIGHTS], label="Task arithmetic",
+              formula="θ0 + λ·Σ wi·δi")
+def task_arithmetic(models, *, base, weights, rng=None, stats=None, **p):
+    """Add every model's difference from the base, weighted, scaled by λ."""
+    deltas = models.sub_(base)
+    tau = _weighted_sum(deltas, _model_weights(weights, models.shape[0], models))
+    return base.add_(tau, alpha=p["lambda"])
+
+
+def _ties_thresholds(stream, *, density, **_):
+    """Per model, the magnitude of its k-th largest |δ| over the whole tensor (k = round(density·numel))."""
+    if density >= 1.0:
+        return None
+    base = stream.whole(stream.n)
+    thresholds = []
+    for i in range(stream.n):
+        mag = stream.whole(i).sub_(base).abs_().flatten()
+        keep = round(density * mag.numel())
+        if keep <= 0:
+            thresholds.append(float("inf"))
+        else:
+            thresholds.append(float(torch.kthvalue(mag, mag.numel() - keep + 1).values))
+        del mag
+    return thresholds
+
+
+def _trim(deltas: torch.Tensor, thresholds) -> torch.Tensor:
+    if thresholds is not None:
+        for i, t in enumerate(thresholds):
+            deltas[i].mul_(deltas[i].abs() >= t)
+    return deltas
+
+
+@merge_method("ties", many=True, base="required", params=[DENSITY, ELECTION, LAMBDA], label="TIES",
+              formula="θ0 + λ·disjoint_mean(trim_k(δi), elect)", prepare=_ties_thresholds)
+def ties(models, *, base, density, election, stats=None, rng=None, **p):
+    """TIES-merging: trim each δ to its largest `density` share, elect a sign per element, average the agreeing ones."""
+    tau = disjoint_merge(_trim(models.sub_(base), stats), election)
+    return base.add_(tau, alpha=p["lambda"])
+
+
+@merge_method("ties_soup", many=True, base="required", params=[LAMBDA], label="TIES-SOUP",
+              formula="θ0 + λ·disjoint_mean(δi, sum)")
+def ties_soup(models, *, base, stats=None, rng=None, **p):
+    """TIES without trimming (k = 1), sign elected by the sum of deltas."""
+    return base.add_(disjoint_merge(models.sub_(base), "sum"), alpha=p["lambda"])
+
+
+@merge_method("dare_linear", many=True, base="required", params=[_drop("dare_linear", 0.9), RESCALE, LAMBDA, WEIGHTS],
+              label="DARE (linear)", formula="θ0 + λ·Σ wi·(mi ⊙ δi)/(1 − p)")
+def dare_linear(models, *, base, drop, rescale, weights, rng, stats=None, **p):
+    """DARE: drop random elements of each δ with probability p, rescale, add them up."""
+    _check_drop(drop, rescale)
+    deltas = _dare_drop(models.sub_(base), drop, rng)
+    scale = p["lambda"] / (1.0 - drop) if rescale else p["lambda"]
+    return base.add_(_weighted_sum(deltas, _model_weights(weights, models.shape[0], models)), alpha=scale)
+
+
+@merge_method("dare_ties", many=True, base="required", params=[_drop("dare_ties", 0.9), RESCALE, ELECTION, LAMBDA],
+              label="DARE-TIES", formula="θ0 + λ·disjoint_mean(mi ⊙ δi, elect)/(1 − p)")
+def dare_ties(models, *, base, drop, rescale, election, rng, stats=None, **p):
+    """DARE's random drop, then TIES' sign election and disjoint mean."""
+    _check_drop(drop, rescale)
+    tau = disjoint_merge(_dare_drop(models.sub_(base), drop, rng), election)
+    scale = p["lambda"] / (1.0 - drop) if rescale else p["lambda"]
+    return base.add_(tau, alpha=scale)
+
+
+@merge_method("tsd", many=True, base="required", params=[_drop("tsd", 0.1), RESCALE, LAMBDA],
+              label="TSD (TIES-SOUP + DARE)", formula="θ0 + λ·disjoint_mean(mi ⊙ δi, sum)/(1 − p)")
+def tsd(models, *, base, drop, rescale, rng, stats=None, **p):
+    """DARE drop (p ≈ 0.1) → TIES-SOUP → rescale: 6DammK9's TSD."""
+    return dare_ties(models, base=base, drop=drop, rescale=rescale, election="sum", rng=rng, **p)
+
+
+# Geometric median by Weiszfeld's iteration on sufficient statistics. Every point is xi; the median z is
+# kept as weights over the points (z = Σ wj xj, Σ wj = 1), so its distances need only the Gram matrix of
+# yi = xi − x0: ‖xi − z‖² = G_ii − 2(Gw)_i + wᵀGw. One streaming pass builds G (float64), the iteration
+# runs on n numbers, one more pass forms z. Exactly Weiszfeld's steps, without touching the tensors
+# once per iteration.
+
+def _gram_pass(stream, features, center: bool = True) -> torch.Tensor:
+    """Σ over chunks of Y·Yᵀ in float64, Y = the features of every model (minus model 0's when centring)."""
+    g = torch.zeros(stream.n, stream.n, dtype=torch.float64)
+    for chunk in stream.chunks():
+        x = features(chunk).reshape(stream.n, -1)
+        y = (x - x[0]).double() if center else x.double()
+        g += (y @ y.T).cpu()
+    return g
+
+
+def weiszfeld_weights(gram: torch.Tensor, *, eps: float, maxiter: int, ftol: float) -> torch.Tensor:
+    """Weights w (Σw = 1) of the geometric median z = Σ wi xi, from the Gram matrix of the points.
+
+    Start at the mean; each step: di = max(‖xi − z‖, eps), wi ∝ 1/di; stop when the mean distance
+    changes by at most ftol·(mean distance), or after maxiter steps.
+    """
+    n = gram.shape[0]
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    diag = gram.diagonal()
+    previous = None
+    for _ in range(maxiter):
+        gw = gram @ w
+        dist = (diag - 2 * gw + w @ gw).clamp_(min=0).sqrt_().clamp_(min=eps)
+        objective = float(dist.mean())
+        inv = 1.0 / dist
+        w = inv / inv.sum()
+        if previous is not None and abs(previous - objective) <= ftol * objective:
+            break
+        previous = objective
+    return w
+
+
+def _gm_prepare(stream, *, eps, maxiter, ftol, **_):
+    feats = (lambda c: c.models) if stream.base_file is None else (lambda c: c.models.sub_(c.base))
+    return weiszfeld_weights(_gram_pass(stream, feats), eps=eps, maxiter=maxiter, ftol=ftol).tolist()
+
+
+@merge_method("geometric_median", many=True, base="optional", params=[EPS, MAXITER, FTOL],
+              label="Geometric median", formula="argmin_z Σ ‖θi − z‖ (Weiszfeld, per tensor)", prepare=_gm_prepare)
+def geometric_median(models, *, base=None, stats, rng=None, **_):
+    """The point with the least total distance to all models, per tensor: robust to outlier models.
+
+    With a base the median is taken over the deltas and added back to the base; the median moves with
+    the points, so the result is the same up to rounding.
+    """
+    if base is None:
+        return _weighted_sum(models, stats)
+    return base.add_(_weighted_sum(models.sub_(base), stats))
+
+
+def _tgmd_filtered(models, base, drop, rng) -> torch.Tensor:
+    """DARE-dropped deltas with the elements that disagree with the summed sign set to 0."""
+    deltas = _dare_drop(models.sub_(base), drop, rng)
+    signs = torch.sign(deltas)
+    gamma = deltas.sum(0).sign_()
+    return deltas.mul_((signs == gamma) & (signs != 0))
+
+
+def _tgmd_prepare(stream, *, drop, eps, maxiter, ftol, **_):
+    gram = _gram_pass(stream, lambda c: _tgmd_filtered(c.models, c.base, drop, c.rng))
+    return weiszfeld_weights(gram, eps=eps, maxiter=maxiter, ftol=ftol).tolist()
+
+
+@merge_method("tgmd", many=True, base="required", params=[_drop("tgmd", 0.1), RESCALE, LAMBDA, EPS, MAXITER, FTOL],
+              label="TGMD (TIES + geometric median + DARE)",
+              formula="θ0 + λ·GM(mi ⊙ δi ⊙ [sign = γ])/(1 − p)", prepare=_tgmd_prepare)
+def tgmd(models, *, base, drop, rescale, stats, rng, **p):
+    """As TSD, with the disjoint mean replaced by the geometric median of the sign-filtered deltas."""
+    _check_drop(drop, rescale)
+    tau = _weighted_sum(_tgmd_filtered(models, base, drop, rng), stats)
+    scale = p["lambda"] / (1.0 - drop) if rescale else p["lambda"]
+    return base.add_(tau, alpha=scale)
+
+
+def model_stock_t(gram: torch.Tensor) -> float:
+    """Model Stock's interpolation ratio t = n·c / (1 + (n−1)·c), c = mean cosine over all pairs of deltas.
+
+    A delta of norm 0 has cosine 0 with every other; t = 0 when the denominator is not positive.
+    """
+    n = gram.shape[0]
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    outer = norms[:, None] * norms[None, :]
+    cos = torch.where(outer > 0, gram / outer.clamp(min=1e-300), torch.zeros_like(gram))
+    c = float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
+    denom = 1 + (n - 1) * c
+    return n * c / denom if denom > 1e-12 else 0.0
+
+
+def _stock_prepare(stream, *, per_row, **_):
+    if per_row and len(stream.shape) >= 2:
+        return None  # rows are whole in every chunk: computed there
+    return model_stock_t(_gram_pass(stream, lambda c: c.models.sub_(c.base), center=False))
+
+
+@merge_method("model_stock", many=True, base="required",
+              params=[Param("per_row", bool, False, help="one ratio per output row instead of per tensor")],
+              label="Model Stock", formula="θ0 + t·mean(δi), t = n·c/(1 + (n−1)·c)", prepare=_stock_prepare)
+def model_stock(models, *, base, per_row, stats, rng=None):
+    """Move from the base toward the models' average by t, from how aligned their deltas are."""
+    n = models.shape[0]
+    deltas = models.sub_(base)
+    if stats is None:  # per row: the Gram matrix of each row of the deltas
+        d = deltas.reshape(n, deltas.shape[1], -1)
+        gram = torch.einsum("irk,jrk->rij", d, d).double()
+        norms = gram.diagonal(dim1=1, dim2=2).clamp(min=0).sqrt()
+        outer = norms[:, :, None] * norms[:, None, :]
+        cos = torch.where(outer > 0, gram / outer.clamp(min=1e-300), torch.zeros_like(gram))
+        c = (cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
+        denom = 1 + (n - 1) * c
+        t = torch.where(denom > 1e-12, n * c / denom.clamp(min=1e-12), torch.zeros_like(c))
+        t = t.to(deltas.dtype).view((-1,) + (1,) * (deltas.dim() - 2))
+        return base.add_(deltas.mean(0).mul_(t))
+    return base.add_(deltas.mean(0), alpha=stats)
+
+
+# ------------------------------------------------------------------------- ComfyUI-DareMerge's DARE merge
+
+def _dare_merge_step(m, b, keep, major, drop, rescale):
+    """One DareMerge iteration: move the kept elements of M to B (those agreeing with the major sign)."""
+    delta = b - m
+    if rescale:
+        delta.div_(1.0 - drop)
+    if major is not None:
+        keep = keep & (torch.sign(delta) == major)
+    return torch.where(keep, m + delta, m)
+
+
+def _dare_merge_majors(stream, *, drop, ties, rescale, iterations, **_):
+    """The per-tensor majority sign of each iteration (whole-tensor sums), in one pass per iteration."""
+    if ties == "off":
+        return None
+    majors: list[float] = []
+    for it in range(iterations):
+        total = 0.0
+        for chunk in stream.chunks():
+            a, b = chunk.models
+            m = a
+            for j in range(it):
+                m = _dare_merge_step(m, b, chunk.rng.keep_mask(j, drop, m.device), majors[j], drop, rescale)
+            delta = b - m
+            total += float(delta.sum() if ties == "sum" else torch.sign(delta).sum())
+        majors.append(1.0 if total >= 0 else -1.0)
+    return majors
+
+
+@merge_method("dare_merge", inputs=("A", "B"), prepare=_dare_merge_majors,
+              params=[Param("ratio", float, 0.5, (0.0, 1.0), "share of A (ComfyUI-DareMerge convention: "
+                            "1 = keep A, 0 = take the DARE result)", blockwise=True),
+                      Param("drop", float, 0.9, (0.0, 1.0), "probability of dropping each element of B − A"),
+                      Param("ties", Choice("sum", "count", "off"), "sum",
+                            help="per-tensor majority sign of B − A by the sum of values or by count; off = none"),
+                      Param("rescale", bool, False, help="divide kept deltas by 1 − drop (DareMerge: off)"),
+                      Param("iterations", int, 1, (1, 16), "repeat the drop against the merged result")],
+              label="DARE merge (A, B; ComfyUI-DareMerge)", formula="ratio·A + (1 − ratio)·DARE(A → B)")
+def dare_merge(models, *, ratio, drop, ties, rescale, iterations, stats, rng, base=None):
+    """ComfyUI-DareMerge's two-model DARE merge, so its workflows carry over (see docs/METHODS.md)."""
+    _check_drop(drop, rescale)
+    a, b = models
+    m = a.clone()
+    for it in range(iterations):
+        major = stats[it] if stats is not None else None
+        m = _dare_merge_step(m, b, rng.keep_mask(it, drop, m.device), major, drop, rescale)
+    return m.lerp_(a, ratio)

@@ -53,10 +53,11 @@ class Recipe:
     def validate(self) -> None:
         from .methods import get_method
         spec = get_method(self.method)
-        if len(self.models) != spec.n_models:
-            roles = ", ".join(spec.inputs)
-            raise InputError(f"{self.method} takes {spec.n_models} models ({roles}), got {len(self.models)}.")
+        spec.check_models(len(self.models), self.base is not None)
         self.params = spec.resolve_params(self.params)
+        weights = self.params.get("weights")
+        if weights is not None and len(weights) != len(self.models):
+            raise InputError(f"{len(weights)} weights given for {len(self.models)} models: give one weight per model.")
         for name, values in self.blocks.items():
             p = spec.param(name)
             if not p.blockwise:
