@@ -120,3 +120,14 @@ def test_value_for_key():
     assert value_for_key("cond_stage_model.transformer.text_model.final_layer_norm.weight", "sd1", blocks, 9) == 0.0
     assert value_for_key("first_stage_model.encoder.conv_in.weight", "sd1", blocks, 9) == 9
     assert value_for_key(U + "out.0.weight", "sd1", None, 9) == 9
+
+
+def test_detect_instruct_pix2pix_and_unet_only_files():
+    d = shapes_of("sd1")
+    w = d[U + "input_blocks.0.0.weight"]
+    d[U + "input_blocks.0.0.weight"] = (w[0], 8, w[2], w[3])
+    assert detect(d).variant == "instruct-pix2pix"
+    unet_only = {k: v for k, v in shapes_of("sdxl").items() if k.startswith(U)}
+    assert detect(unet_only).family == "sdxl"
+    unet_only = {k: v for k, v in shapes_of("sd2").items() if k.startswith(U)}
+    assert detect(unet_only).family == "sd2"

@@ -207,3 +207,17 @@ def test_progress_reports_reach_the_total(tiny):
     merge(r, DictSink(), progress=seen.append, threads=2)
     assert seen and seen[-1].done_bytes == seen[-1].total_bytes
     assert all(x.done_bytes <= y.done_bytes for x, y in zip(seen, seen[1:]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method,names,params", [
+    ("weighted_sum", ("sd1_a", "sd1_b"), {"alpha": 0.3}),
+    ("add_difference", ("sd1_a", "sd1_b", "sd1_c"), {"alpha": 0.7}),
+])
+def test_same_bytes_on_cpu_and_gpu(tiny, tmp_path, method, names, params):
+    outs = []
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.safetensors"
+        merge(Recipe(method, refs(tiny, *names), params=params), FileSink(out), device=device)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
