@@ -8,16 +8,25 @@ Text form (what the UI's text box and the CLI's --blocks take):
 - `NAME=value` pairs, NAME a block or a pattern with `*` (`IN*=0.3, M00=1`); unlisted blocks keep the
   default (the method's scalar value, e.g. --alpha);
 - a preset name, optionally followed by pairs that override it (`GRAD_V, BASE=0`).
+
+Also here: the layer-pattern language shared by masks, weight sets and noise (`match_keys`), and layer
+weights (`WeightSet`, "layer gradients"): one value per key, built from blocks, UNet groups, attention
+parts or onion shells, edited by pattern and combined. See docs/MASKS_AND_WEIGHTS.md.
 """
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
+import os
 import re
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
 
-from .arch import block_names, block_of
-from .errors import InputError
+import torch
+
+from .arch import TEXT_ENCODER, UNET, UNET_PREFIX, block_names, block_of, component_of
+from .errors import InputError, OutputError
 
 
 def _unet_positions(family: str) -> list[float]:
@@ -146,3 +155,321 @@ def value_for_key(key: str, family: str, blocks: list[float] | None, default: fl
     if block is None:
         return default
     return blocks[block_names(family).index(block)]
+
+
+# =============================================================================== layer patterns
+# One pattern language for masks, weight sets and noise: comma/newline separated, `*` is a wildcard
+# (any run of characters, dots included), everything else is literal. A pattern matches a key when it
+# matches from the key's start up to the end or up to a '.', so `input_blocks.1` catches
+# `input_blocks.1.0.weight` but not `input_blocks.10.0.weight`. Keys are tried whole and without their
+# `model.` / `model.diffusion_model.` prefix, so UNet patterns can be written the short way.
+
+
+def parse_patterns(text: str | Iterable[str] | None) -> list[str]:
+    """Split the pattern text on commas and newlines; whitespace inside a pattern is dropped."""
+    items = re.split(r"[,\n]+", text or "") if isinstance(text, str) or text is None else list(text)
+    patterns = ["".join(p.split()) for p in items]
+    patterns = [p for p in patterns if p]
+    if not patterns:
+        raise InputError("Give at least one layer pattern, e.g. 'input_blocks.1' or '*.to_v*'.")
+    return patterns
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    body = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.compile(body + r"(\.|$)")
+
+
+def _key_forms(key: str) -> tuple[str, ...]:
+    forms = [key]
+    if key.startswith("model."):
+        forms.append(key[len("model."):])
+    if key.startswith(UNET_PREFIX):
+        forms.append(key[len(UNET_PREFIX):])
+    return tuple(forms)
+
+
+def match_keys(patterns: str | Iterable[str], keys: Iterable[str], what: str = "the model") -> list[str]:
+    """The keys (in their own order) matched by any of the patterns.
+
+    A pattern that matches no key is an InputError naming it: a typo must not silently do nothing.
+    """
+    pats = parse_patterns(patterns)
+    regexes = [_pattern_regex(p) for p in pats]
+    hit = [False] * len(pats)
+    out = []
+    for key in keys:
+        forms = _key_forms(key)
+        matched = False
+        for i, rx in enumerate(regexes):
+            if any(rx.match(f) for f in forms):
+                hit[i] = matched = True
+        if matched:
+            out.append(key)
+    missing = [p for p, h in zip(pats, hit) if not h]
+    if missing:
+        raise InputError(
+            f"Layer pattern{'s' if len(missing) > 1 else ''} {', '.join(repr(p) for p in missing)} "
+            f"match{'' if len(missing) > 1 else 'es'} no key of {what}. Patterns match a key from its start "
+            f"up to a '.', with or without 'model.diffusion_model.'; use * as a wildcard (e.g. '*.attn2.*').")
+    return out
+
+
+# =============================================================================== shared helpers
+
+def mergeable_shapes(source) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of what masks and weight sets cover: float tensors of the UNet and text encoders.
+
+    `source` is a ModelFile, a state dict of tensors, or a {key: shape} dict (whose dtypes are unknown,
+    so only the component and `position_ids` rules apply).
+    """
+    if hasattr(source, "tensors"):
+        items = [(k, tuple(i.shape), i.is_float) for k, i in source.tensors.items()]
+    else:
+        items = [(k, tuple(v.shape), v.is_floating_point()) if isinstance(v, torch.Tensor) else (k, tuple(v), True)
+                 for k, v in source.items()]
+    return {k: s for k, s, is_float in items
+            if is_float and component_of(k) in (UNET, TEXT_ENCODER) and not k.endswith("position_ids")}
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a small file through a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"The output folder '{path.parent}' does not exist.")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputError(f"Cannot write '{path}': {e.strerror}.") from None
+    return path
+
+
+# =============================================================================== layer weights
+# A weight set ("layer gradient") gives one float per checkpoint key: the per-key value of a
+# block-weighted parameter (α, λ...). It means what that parameter means (for α: the weight of model B);
+# keys not in the set take the parameter's scalar value.
+
+WEIGHTS_FORMAT = "merge-lab-weights"
+GROUPS = ("time", "label", "input", "middle", "output", "out")
+ATTENTION_PARTS = ("norm", "attn", "ff")
+SHELL_PARTS = ("exterior", "interior", "core")
+WEIGHT_EDIT_OPS = ("set", "add", "subtract", "multiply", "divide")
+WEIGHT_COMBINE_OPS = ("mean", "min", "max", "add", "subtract", "multiply", "divide")
+
+
+class WeightSet(dict):
+    """{key: float} plus the architecture family it was built for (None when unknown)."""
+
+    def __init__(self, values: Mapping[str, float] | Iterable = (), arch: str | None = None):
+        super().__init__(values)
+        self.arch = arch
+
+    def copy(self) -> "WeightSet":
+        return WeightSet(self, self.arch)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": WEIGHTS_FORMAT, "version": 1, "arch": self.arch,
+                           "weights": {k: float(v) for k, v in self.items()}}, indent=1)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if path.suffix.lower() != ".json":
+            raise OutputError(f"A weight set is saved as .json, not '{path.name}'.")
+        bad = [k for k, v in self.items() if not math.isfinite(v)]
+        if bad:
+            raise InputError(f"The weight set has non-finite values (e.g. '{bad[0]}'); fix them before saving.")
+        return write_file_atomic(path, self.to_json().encode("utf-8"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "WeightSet":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"Weight set file not found: '{path}'.") from None
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise InputError(f"'{path.name}' is not a weight set: it is not readable JSON ({e}).") from None
+        if not isinstance(data, dict) or data.get("format") != WEIGHTS_FORMAT:
+            raise InputError(f"'{path.name}' is not a Merge Lab weight set (no \"format\": \"{WEIGHTS_FORMAT}\"). "
+                             f"Make one with `weights blocks|groups|attention|shell`.")
+        if data.get("version") != 1:
+            raise InputError(f"'{path.name}' is a weight set of version {data.get('version')!r}; "
+                             f"this Merge Lab reads version 1. Update Merge Lab.")
+        weights = data.get("weights")
+        if not isinstance(weights, dict):
+            raise InputError(f"'{path.name}': \"weights\" must be an object of key: number.")
+        for k, v in weights.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"'{path.name}': the weight of '{k}' is {v!r}, not a finite number.")
+        arch = data.get("arch")
+        return cls({k: float(v) for k, v in weights.items()}, arch if isinstance(arch, str) else None)
+
+
+def _unet_or_base(shapes, base: float | None):
+    """(key, UNet-relative name or None for a text-encoder key) for the keys a builder considers."""
+    for key in mergeable_shapes(shapes):
+        if key.startswith(UNET_PREFIX):
+            yield key, key[len(UNET_PREFIX):]
+        elif base is not None:  # text encoders: only when the caller gives them a value
+            yield key, None
+
+
+def _check_parts(values: Mapping[str, float | None], names: tuple[str, ...], what: str) -> None:
+    unknown = [n for n in values if n not in names]
+    if unknown:
+        raise InputError(f"Unknown {what} part {', '.join(map(repr, unknown))}; the parts are {', '.join(names)}.")
+
+
+def _build(shapes, family: str, base: float | None, part_of: Callable[[str], str | None],
+           values: Mapping[str, float | None]) -> WeightSet:
+    ws = WeightSet(arch=family)
+    for key, rest in _unet_or_base(shapes, base):
+        if rest is None:
+            ws[key] = float(base)
+            continue
+        part = part_of(rest)
+        if part is not None and values.get(part) is not None:
+            ws[key] = float(values[part])
+    return ws
+
+
+def from_blocks(shapes, family: str, blocks: str | list[float], default: float = 0.0) -> WeightSet:
+    """One value per MBW block (26 SD1/SD2, 20 SDXL; text form or list): each key gets its block's value.
+
+    Text-encoder keys get BASE; the VAE and other keys are left out.
+    """
+    values = parse_blocks(blocks, family, default)
+    if values is None:
+        raise InputError("Give the block weights (26 numbers for SD1/SD2, 20 for SDXL, NAME=value pairs or a preset).")
+    names = block_names(family)
+    ws = WeightSet(arch=family)
+    for key in mergeable_shapes(shapes):
+        block = block_of(key, family)
+        if block is not None:
+            ws[key] = values[names.index(block)]
+    return ws
+
+
+def _group_of(rest: str) -> str | None:
+    for prefix, group in (("time_embed.", "time"), ("label_emb.", "label"), ("input_blocks.", "input"),
+                          ("middle_block.", "middle"), ("output_blocks.", "output"), ("out.", "out")):
+        if rest.startswith(prefix):
+            return group
+    return None
+
+
+def from_groups(shapes, family: str, values: Mapping[str, float | None], base: float | None = None) -> WeightSet:
+    """One value per UNet group: time (time_embed.), label (label_emb., SDXL), input (input_blocks.),
+    middle (middle_block.), output (output_blocks.), out (out.). A group not given (or None) is left out;
+    text-encoder keys get `base` when it is given, else are left out."""
+    _check_parts(values, GROUPS, "group")
+    return _build(shapes, family, base, _group_of, values)
+
+
+def _attention_part_of(rest: str) -> str | None:
+    # DareMerge's order: a name holding both 'norm' and 'attn' counts as norm
+    if "norm" in rest:
+        return "norm"
+    if "attn" in rest:
+        return "attn"
+    if "ff.net" in rest:
+        return "ff"
+    return None
+
+
+def from_attention(shapes, family: str, values: Mapping[str, float | None], base: float | None = None) -> WeightSet:
+    """UNet keys by substring of the name after `model.diffusion_model.`, tested in this order:
+    'norm' -> norm, else 'attn' -> attn, else 'ff.net' -> ff. Other UNet keys and parts not given are
+    left out; text-encoder keys get `base` when it is given."""
+    _check_parts(values, ATTENTION_PARTS, "attention")
+    return _build(shapes, family, base, _attention_part_of, values)
+
+
+# (last input block of exterior, of interior; first output block of interior, of exterior)
+_SHELL_SPLITS = {"sd1": (3, 8, 4, 9), "sd2": (3, 8, 4, 9), "sdxl": (2, 5, 3, 6)}
+
+
+def shell_part(block: str, family: str) -> str:
+    """exterior / interior / core of an MBW block name (IN.., M00, OUT..), the onion of DareMerge."""
+    in_ext, in_int, out_int, out_ext = _SHELL_SPLITS[family]
+    if block == "M00":
+        return "core"
+    n = int(block[-2:])
+    if block.startswith("IN"):
+        return "exterior" if n <= in_ext else "interior" if n <= in_int else "core"
+    return "core" if n < out_int else "interior" if n < out_ext else "exterior"
+
+
+def from_shell(shapes, family: str, values: Mapping[str, float | None], base: float | None = None) -> WeightSet:
+    """Onion layers of the UNet by block (time_embed/label_emb count as IN00, out. as the last OUT block).
+    SD1/SD2: exterior IN00-03 + OUT09-11, interior IN04-08 + OUT04-08, core IN09-11 + M00 + OUT00-03.
+    SDXL: exterior IN00-02 + OUT06-08, interior IN03-05 + OUT03-05, core IN06-08 + M00 + OUT00-02."""
+    _check_parts(values, SHELL_PARTS, "shell")
+    if family not in _SHELL_SPLITS:
+        raise InputError(f"Unknown architecture family '{family}' (sd1, sd2 or sdxl).")
+
+    def part_of(rest: str) -> str | None:
+        block = block_of(UNET_PREFIX + rest, family)
+        return shell_part(block, family) if block else None
+
+    return _build(shapes, family, base, part_of, values)
+
+
+def _apply(op: str, x: float, y: float, where: str) -> float:
+    if op == "set":
+        return y
+    if op == "add":
+        return x + y
+    if op == "subtract":
+        return x - y
+    if op == "multiply":
+        return x * y
+    if op == "divide":
+        if y == 0:
+            raise InputError(f"Division by zero at '{where}'. Divide by a non-zero value.")
+        return x / y
+    if op == "mean":
+        return (x + y) / 2
+    if op == "min":
+        return min(x, y)
+    if op == "max":
+        return max(x, y)
+    raise InputError(f"Unknown operation '{op}'.")
+
+
+def edit(ws: WeightSet, patterns: str, op: str, value: float) -> WeightSet:
+    """A copy of `ws` where every key matched by the patterns becomes `old op value`
+    (set / add / subtract / multiply / divide). Only keys already in the set are matched."""
+    if op not in WEIGHT_EDIT_OPS:
+        raise InputError(f"Unknown weight edit '{op}'; use one of {', '.join(WEIGHT_EDIT_OPS)}.")
+    out = ws.copy()
+    for key in match_keys(patterns, ws.keys(), "the weight set"):
+        out[key] = _apply(op, ws[key], float(value), key)
+    return out
+
+
+def combine(a: WeightSet, b: WeightSet, op: str, join: str = "inner") -> WeightSet:
+    """Key by key `a op b`. join 'inner': only keys in both; 'outer': every key, a lone value copied.
+    Key order: a's keys, then b's keys that a lacks. Division by zero is an error naming the key."""
+    if op not in WEIGHT_COMBINE_OPS:
+        raise InputError(f"Unknown weight operation '{op}'; use one of {', '.join(WEIGHT_COMBINE_OPS)}.")
+    if join not in ("inner", "outer"):
+        raise InputError(f"Unknown join '{join}'; use inner or outer.")
+    if a.arch and b.arch and a.arch != b.arch:
+        raise InputError(f"Cannot combine a {a.arch} weight set with a {b.arch} one: their keys differ.")
+    out = WeightSet(arch=a.arch or b.arch)
+    for key in list(a) + [k for k in b if k not in a]:
+        if key in a and key in b:
+            out[key] = _apply(op, a[key], b[key], key)
+        elif join == "outer":
+            out[key] = a[key] if key in a else b[key]
+    return out
