@@ -101,6 +101,13 @@ def build_recipe(args) -> "Recipe":
             if text:
                 spec.param(name)
                 recipe.blocks[name] = parse_blocks(text, family, resolved[name])
+    if args.mask:
+        recipe.mask = ModelRef(name=Path(args.mask).name, path=args.mask)
+    if args.weights:
+        from .weights import WeightSet
+        ws = WeightSet.load(args.weights)
+        recipe.layer_weights = {"param": args.weights_param or (spec.blockwise_params or [None])[0],
+                                "values": dict(ws)}
     recipe.validate()
     return recipe
 
@@ -174,6 +181,11 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--blocks", help="α (λ for many-model methods) per block: 26 (SD1/SD2) or 20 (SDXL) numbers, "
                                     "NAME=value pairs with *, or a preset")
     m.add_argument("--blocks-beta", help="β per block, same forms as --blocks")
+    m.add_argument("--mask", help="a mask file (`mask ...`): only its True elements may change, the rest keep A's values")
+    m.add_argument("--weights", help="a per-key weight set (`weights ...`, JSON): sets --weights-param per key; "
+                                     "keys it does not list are copied from A")
+    m.add_argument("--weights-param", help="the parameter the weight set gives (default: the method's first "
+                                           "per-block parameter: alpha, lambda or ratio)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
     m.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="output dtype")

@@ -93,6 +93,7 @@ def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
     warnings: list[str] = []
     missing: list[str] = []
     mismatched: list[str] = []
+    unweighted: list[str] = []
     for key, info in sorted(a.tensors.items(), key=lambda kv: kv[1].offset):
         if key.startswith(DROPPED_PREFIXES):
             continue
@@ -117,12 +118,21 @@ def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
                 continue
             task.region = tuple(min(d) for d in zip(info.shape, *other_shapes))
             mismatched.append(key)
-        task.action = "merge"
         task.params = {name: value_for_key(key, family, recipe.blocks.get(name), value)
                        for name, value in recipe.params.items()}
+        if recipe.layer_weights is not None:
+            values = recipe.layer_weights["values"]
+            if key not in values:  # a per-key weight set names the keys to merge; the others stay A's
+                unweighted.append(key)
+                continue
+            task.params[recipe.layer_weights["param"]] = values[key]
+        task.action = "merge"
     if missing:
         warnings.append(f"{len(missing)} key(s) of A are missing from other models and were copied from A "
                         f"(e.g. {missing[0]}).")
+    if unweighted:
+        warnings.append(f"{len(unweighted)} key(s) have no value in the per-key weight set and were copied from A "
+                        f"(e.g. {unweighted[0]}).")
     if mismatched:
         warnings.append(f"{len(mismatched)} key(s) differ in shape between the models; the common part was merged "
                         f"and the rest kept from A (e.g. {mismatched[0]}).")
@@ -136,7 +146,8 @@ def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
 # -------------------------------------------------------------------------------------------- sinks
 
 class Sink:
-    def open(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None: ...
+    def open(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata_draft: dict | None = None) -> None:
+        """Receive every (key, dtype, shape) before any data, and a draft of the final metadata."""
     def write(self, key: str, tensor: torch.Tensor, row0: int = 0) -> None: ...
     def close(self, metadata: dict[str, str]) -> Any: ...
     def abort(self) -> None: ...
@@ -151,9 +162,9 @@ class FileSink(Sink):
         self.inputs: list[Path] = []
         self.writer: SafetensorsWriter | None = None
 
-    def open(self, entries):
+    def open(self, entries, metadata_draft=None):
         check_output_path(self.path, self.inputs, self.overwrite)
-        self.writer = SafetensorsWriter(self.path, entries)
+        self.writer = SafetensorsWriter(self.path, entries, metadata_draft)
 
     def write(self, key, tensor, row0=0):
         self.writer.write(key, tensor, row0)
@@ -174,7 +185,7 @@ class DictSink(Sink):
         self.state: dict[str, torch.Tensor] = {}
         self.metadata: dict[str, str] = {}
 
-    def open(self, entries):
+    def open(self, entries, metadata_draft=None):
         self.state = {k: torch.empty(shape, dtype=dtype, device=self.device) for k, dtype, shape in entries}
 
     def write(self, key, tensor, row0=0):
@@ -394,8 +405,12 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
             compute_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
             threads: int | None = None, chunk_elems: int | None = None,
             progress: Callable[[Progress], None] | None = None,
-            cancel: Callable[[], bool] | None = None, nonfinite: str = "warn") -> list[str]:
-    """Run every task into the sink. Returns the keys that came out non-finite (policy 'warn')."""
+            cancel: Callable[[], bool] | None = None, nonfinite: str = "warn", mask=None,
+            metadata_draft: dict | None = None) -> list[str]:
+    """Run every task into the sink. Returns the keys that came out non-finite (policy 'warn').
+
+    `mask` (a masks.Mask) restricts what may change: where it is False the output keeps A's values.
+    """
     device = torch.device(device)
     if threads is None:
         threads = max(1, min(os.cpu_count() or 1, 8)) if device.type == "cpu" else 2
@@ -458,6 +473,8 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
                 if task.region is not None:
                     full[tuple(slice(0, d) for d in task.region)] = out
                     out = full
+                if mask is not None:
+                    out = _apply_mask(mask, task, out, chunk.rows, a, read, ws, device, compute_dtype)
                 emit(task, ws.cast(out, task.out_dtype), chunk.rows[0] if chunk.rows else 0)
         with lock:
             done[0] += task.nbytes
@@ -468,7 +485,7 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
     if device.type == "cpu" and threads > 1:
         torch.set_num_threads(1)  # parallelism comes from the workers; no oversubscription
     try:
-        sink.open(plan.entries)
+        sink.open(plan.entries, metadata_draft)
         try:
             if threads <= 1:
                 for task in plan.tasks:
@@ -491,6 +508,15 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
         if torch.get_num_threads() != old_threads:
             torch.set_num_threads(old_threads)
     return bad_keys
+
+
+def _apply_mask(mask, task: Task, out: torch.Tensor, rows, a: ModelFile, read, ws, device, dtype) -> torch.Tensor:
+    """Where the mask is False, put A's values back (the method overwrote its copy of A: read it again)."""
+    m = mask.get(task.key, task.shape, rows)
+    if m is None:
+        return out
+    original = read(a, task.key, rows, ws).to(device, dtype)
+    return torch.where(m.to(device), out, original)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -527,6 +553,30 @@ class MergeResult:
     seconds: float
     output: Any = None               # Path for a FileSink, the state dict for a DictSink
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _draft_metadata(recipe: Recipe, refs: list[ModelRef], inputs: list[ModelFile]) -> dict[str, str]:
+    saved = [(r.sha256, r.short_hash) for r in refs]
+    for i, r in enumerate(refs):  # distinct placeholders: sd_merge_models is keyed by sha256
+        r.sha256, r.short_hash = r.sha256 or f"{i:064x}", r.short_hash or "0" * 10
+    try:
+        return recipe.metadata([m.metadata for m in inputs], ["0" * 8] * len(refs))
+    finally:
+        for r, (sha, short) in zip(refs, saved):
+            r.sha256, r.short_hash = sha, short
+
+
+def _load_mask(recipe: Recipe, search_dirs, verify_hashes: bool):
+    """The recipe's mask file, loaded (its sha256 checked against the recipe when redoing one)."""
+    if recipe.mask is None:
+        return None
+    from .masks import Mask
+    path = resolve_model_path(recipe.mask, search_dirs)
+    h = file_hashes(path)
+    if verify_hashes and recipe.mask.sha256 and recipe.mask.sha256 != h["sha256"]:
+        raise InputError(f"The mask '{recipe.mask.name}' is not the file this recipe was made with.")
+    recipe.mask.path, recipe.mask.sha256, recipe.mask.short_hash = str(path), h["sha256"], h["short_hash"]
+    return Mask.load(path)
 
 
 def resolve_model_path(ref: ModelRef, search_dirs: list[str | os.PathLike] = ()) -> Path:
@@ -569,6 +619,7 @@ def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = 
         recipe.arch = plan.arch.family
         for ref, p in zip(refs, paths):
             ref.path = str(p)
+        mask = _load_mask(recipe, search_dirs, verify_hashes)
         hash_results: list[dict | None] = [None] * len(paths)
         hash_errors: list[BaseException] = []
 
@@ -589,12 +640,16 @@ def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = 
         elif hashes:
             hasher = threading.Thread(target=compute_hashes, name="merge-hash", daemon=True)
             hasher.start()
+        # the header's room is sized from a draft of the metadata, with placeholder hashes of the final length
+        draft = _draft_metadata(recipe, refs, inputs)
         bad = execute(plan, inputs, sink, seed=recipe.seed, compute_dtype=dtype_from_name(recipe.compute_dtype),
                       device=device, threads=threads, chunk_elems=chunk_elems, progress=progress, cancel=cancel,
-                      nonfinite=recipe.nonfinite)
+                      nonfinite=recipe.nonfinite, mask=mask, metadata_draft=draft)
         if hasher is not None:
             hasher.join()
         warnings = list(plan.warnings)
+        if hash_errors:
+            warnings.append(f"Could not hash the inputs ({hash_errors[0]}); the recipe has no sha256 for them.")
         if bad:
             warnings.append(f"NaN/Inf values in {len(bad)} key(s): {', '.join(bad[:10])}"
                             f"{' ...' if len(bad) > 10 else ''}.")

@@ -48,6 +48,8 @@ class Recipe:
     components: list[str] = field(default_factory=lambda: [UNET, TEXT_ENCODER])
     missing_keys: str = "keep_a"     # keep_a | error
     nonfinite: str = "warn"          # warn | error
+    mask: ModelRef | None = None     # a mask file (True = may change; elsewhere A's values are kept)
+    layer_weights: dict | None = None  # {"param": name, "values": {key: value}}: per-key values of one parameter
     arch: str | None = None          # filled in when the inputs are opened
 
     def validate(self) -> None:
@@ -77,13 +79,25 @@ class Recipe:
             raise InputError(f"nonfinite must be warn or error, not '{self.nonfinite}'.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise InputError(f"The seed must be an integer, not '{self.seed}'.")
+        if self.layer_weights is not None:
+            lw = self.layer_weights
+            if not isinstance(lw, dict) or not isinstance(lw.get("values"), dict):
+                raise InputError("Recipe: layer_weights must be {\"param\": name, \"values\": {key: number}}.")
+            if not spec.blockwise_params:
+                raise InputError(f"{self.method} has no parameter that per-key weights could set.")
+            lw.setdefault("param", spec.blockwise_params[0])
+            p = spec.param(lw["param"])
+            if not p.blockwise:
+                raise InputError(f"{self.method}: parameter '{p.name}' cannot be set per key.")
+            lw["values"] = {str(k): p.coerce(v, self.method) for k, v in lw["values"].items()}
 
     # ------------------------------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
         d = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION}
         d.update(asdict(self))
-        if self.base is None:
-            d.pop("base")
+        for optional in ("base", "mask", "layer_weights"):
+            if d[optional] is None:
+                d.pop(optional)
         return d
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -110,8 +124,9 @@ class Recipe:
             raise InputError("Recipe: 'models' must be a list.")
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs["models"] = [ModelRef.from_json(m) for m in models]
-        if d.get("base") is not None:
-            kwargs["base"] = ModelRef.from_json(d["base"])
+        for name in ("base", "mask"):
+            if d.get(name) is not None:
+                kwargs[name] = ModelRef.from_json(d[name])
         if not isinstance(kwargs.get("params", {}), dict) or not isinstance(kwargs.get("blocks", {}), dict):
             raise InputError("Recipe: 'params' and 'blocks' must be objects.")
         r = cls(**kwargs)
@@ -166,7 +181,7 @@ class Recipe:
                 legacy = legacy_hashes[i] if legacy_hashes and i < len(legacy_hashes) else None
                 models[ref.sha256] = {"name": ref.name, "legacy_hash": legacy, "sd_merge_recipe": nested}
         public = self.to_dict()
-        for m in public["models"] + ([public["base"]] if public.get("base") else []):
+        for m in public["models"] + [public[k] for k in ("base", "mask") if public.get(k)]:
             m.pop("path", None)  # local paths stay private
         return {
             "sd_merge_recipe": json.dumps(webui),
