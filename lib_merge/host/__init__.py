@@ -1,0 +1,108 @@
+"""What the UI may ask of its host: the WebUI (host/webui.py) or the standalone app (host/standalone.py).
+
+The UI and the HTTP API talk only to a Host and to the library; only host/webui.py imports the WebUI.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class GenerationRequest:
+    """A txt2img payload, in the WebUI's terms."""
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler: str = "Euler a"
+    batch_size: int = 1
+
+
+@dataclass
+class GenerationResult:
+    images: list[Any] = field(default_factory=list)      # PIL images
+    infotexts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoadedMerge:
+    """What is loaded in the host's live model now: the merge's honest name, hash and recipe."""
+    name: str
+    short_hash: str
+    recipe_json: str
+
+
+class Host:
+    """The host interface. Methods that a host cannot do raise MergeError with a message for people."""
+
+    name = "host"
+    can_generate = False          # whether generate() works here (the WebUI: yes)
+    has_live_model = False        # whether load_state() puts weights into a model that generates
+
+    def __init__(self):
+        self._interrupt = threading.Event()
+        self.loaded: LoadedMerge | None = None
+
+    # ---- models and folders
+    def list_checkpoints(self, refresh: bool = False) -> list[str]:
+        raise NotImplementedError
+
+    def resolve_checkpoint(self, name: str) -> Path:
+        raise NotImplementedError
+
+    def list_loras(self, refresh: bool = False) -> list[str]:
+        return []
+
+    def list_vaes(self, refresh: bool = False) -> list[str]:
+        return []
+
+    def output_dir(self) -> Path:
+        raise NotImplementedError
+
+    def search_dirs(self) -> list[Path]:
+        """Folders where a recipe's model names are looked up."""
+        return []
+
+    # ---- the live model
+    def load_state(self, state: dict, merged: LoadedMerge) -> None:
+        """Put a merged state dict (checkpoint key names) into the live model, in memory."""
+        self.loaded = merged
+
+    def restore(self) -> None:
+        """Put the original weights back."""
+        self.loaded = None
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        from ..errors import MergeError
+        raise MergeError("Previews need the WebUI (or the standalone image generator, coming in a later version).")
+
+    # ---- progress, interrupt, exclusivity
+    def begin_job(self, title: str) -> None:
+        self._interrupt.clear()
+
+    def progress(self, fraction: float, text: str = "") -> None:
+        pass
+
+    def end_job(self) -> None:
+        pass
+
+    def interrupt(self) -> None:
+        self._interrupt.set()
+
+    def interrupted(self) -> bool:
+        return self._interrupt.is_set()
+
+    def exclusive(self):
+        """A context manager held around merges and generations so they never overlap (WebUI: queue_lock)."""
+        return contextlib.nullcontext()
+
+    def setting(self, name: str, default: Any = None) -> Any:
+        """A user setting (WebUI: its Settings page; standalone: built-in defaults)."""
+        return default

@@ -1,0 +1,130 @@
+"""What the Merge tab and the HTTP API do, in one place: build a recipe from names, merge into the live
+model, save to the output folder, restore, report status.
+
+Both front ends call these functions with a Host; errors are MergeError with messages for people, and a
+failed action leaves the loaded model and the output folder as they were.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import MergeError
+from .host import Host, LoadedMerge
+from .recipe import ModelRef, Recipe
+
+
+@dataclass
+class MergeSummary:
+    """The outcome of an action, for the tab's status line and the API's JSON."""
+    ok: bool
+    message: str
+    recipe_json: str = ""
+    name: str = ""
+    short_hash: str = ""
+    path: str = ""
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "message": self.message, "recipe": self.recipe_json, "name": self.name,
+                "short_hash": self.short_hash, "path": self.path, "seconds": round(self.seconds, 3),
+                "warnings": self.warnings}
+
+
+def recipe_from_names(host: Host, method: str, models: list[str], *, base: str | None = None,
+                      params: dict | None = None, blocks: dict | None = None, **options) -> Recipe:
+    """A recipe from checkpoint names as the host lists them (resolved to files by the host)."""
+    names = [m for m in models if m]
+    refs = [ModelRef(name=n, path=str(host.resolve_checkpoint(n))) for n in names]
+    base_ref = ModelRef(name=base, path=str(host.resolve_checkpoint(base))) if base else None
+    recipe = Recipe(method=method, models=refs, base=base_ref, params=dict(params or {}),
+                    blocks={k: v for k, v in (blocks or {}).items() if v is not None}, **options)
+    recipe.validate()
+    return recipe
+
+
+def resolve_recipe(host: Host, recipe: Recipe) -> Recipe:
+    """Fill in the files of a pasted recipe's model names from the host's lists."""
+    for ref in recipe.models + ([recipe.base] if recipe.base else []):
+        if not ref.path or not Path(ref.path).is_file():
+            ref.path = str(host.resolve_checkpoint(ref.name))
+    recipe.validate()
+    return recipe
+
+
+def merged_name(recipe: Recipe) -> str:
+    """A readable name for a merge, e.g. 'ties(a, b, c)'."""
+    stems = [Path(m.name).stem for m in recipe.models]
+    return f"{recipe.method}({', '.join(stems)})"
+
+
+def _run(host: Host, title: str, work: Callable[[Callable], Any]) -> Any:
+    """Run `work(progress)` holding the host's lock, with its progress and interrupt wired in."""
+    with host.exclusive():
+        host.begin_job(title)
+        try:
+            def progress(p):
+                host.progress(p.fraction, f"{title}: {p.key}")
+            return work(progress)
+        finally:
+            host.end_job()
+
+
+def merge_to_memory(host: Host, recipe: Recipe) -> MergeSummary:
+    """Merge into memory and load the result into the host's live model (no file written)."""
+    from .engine import DictSink, merge
+    started = time.monotonic()
+    try:
+        result = _run(host, "Merging", lambda progress: merge(
+            recipe, DictSink(), search_dirs=host.search_dirs(), progress=progress, cancel=host.interrupted,
+            device=host.setting("merge_lab_device", "cpu"), threads=host.setting("merge_lab_threads", None)))
+        merged = LoadedMerge(merged_name(recipe), _recipe_hash(recipe), recipe.to_json(indent=None))
+        host.load_state(result.output, merged)
+    except MergeError as e:
+        return MergeSummary(False, str(e))
+    return MergeSummary(True, f"Merged {merged.name} into memory in {time.monotonic() - started:.1f} s.",
+                        recipe.to_json(), merged.name, merged.short_hash, seconds=time.monotonic() - started,
+                        warnings=result.warnings)
+
+
+def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False) -> MergeSummary:
+    """Merge straight to `name` in the host's output folder (streaming; the recipe goes into the metadata)."""
+    from .engine import FileSink, merge
+    from .models import safe_output_path
+    started = time.monotonic()
+    try:
+        path = safe_output_path(host.output_dir(), name)
+        result = _run(host, "Saving", lambda progress: merge(
+            recipe, FileSink(path, overwrite=overwrite), search_dirs=host.search_dirs(), progress=progress,
+            cancel=host.interrupted, device=host.setting("merge_lab_device", "cpu"),
+            threads=host.setting("merge_lab_threads", None)))
+    except MergeError as e:
+        return MergeSummary(False, str(e))
+    return MergeSummary(True, f"Saved {path.name} ({path.stat().st_size / 2**30:.2f} GiB) in "
+                              f"{time.monotonic() - started:.1f} s.", recipe.to_json(), path.stem,
+                        path=str(path), seconds=time.monotonic() - started, warnings=result.warnings)
+
+
+def restore(host: Host) -> MergeSummary:
+    try:
+        with host.exclusive():
+            host.restore()
+    except MergeError as e:
+        return MergeSummary(False, str(e))
+    return MergeSummary(True, "Original model restored.")
+
+
+def status(host: Host) -> dict:
+    loaded = host.loaded
+    return {"host": host.name, "can_generate": host.can_generate, "has_live_model": host.has_live_model,
+            "loaded": None if loaded is None else {"name": loaded.name, "short_hash": loaded.short_hash,
+                                                   "recipe": loaded.recipe_json}}
+
+
+def _recipe_hash(recipe: Recipe) -> str:
+    """A 10-hex-digit hash of the recipe: the honest 'model hash' of a merge that has no file."""
+    import hashlib
+    return hashlib.sha256(recipe.to_json(indent=None).encode()).hexdigest()[:10]
