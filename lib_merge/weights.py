@@ -255,8 +255,8 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 # =============================================================================== layer weights
 # A weight set ("layer gradient") gives one float per checkpoint key: the per-key value of a
-# block-weighted parameter (α, λ...). It means what that parameter means (for α: the weight of model B);
-# keys not in the set take the parameter's scalar value.
+# block-weighted parameter (α, λ...). It means what that parameter means (for α: the weight of model B).
+# The set also names what is merged: the engine copies keys that are not in it from model A.
 
 WEIGHTS_FORMAT = "merge-lab-weights"
 GROUPS = ("time", "label", "input", "middle", "output", "out")

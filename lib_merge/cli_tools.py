@@ -1,0 +1,435 @@
+"""CLI subcommands for masks, weight sets, normalize, noise and reports.
+
+`add_tool_commands(subparsers)` adds `mask`, `weights`, `normalize`, `noise` and `report` to the main
+CLI's argparse subparsers; each sets `func(args) -> exit code` and raises MergeError subclasses for user
+errors (the main CLI prints "error: ..." and exits 2). `python -m lib_merge.cli_tools ...` runs them on
+their own. Outputs are never written over an input, nor over an existing file without --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import InputError, MergeError, OutputError
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def _check_out(path: str, suffix: str, inputs: list, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.suffix.lower() != suffix:
+        raise OutputError(f"The output must be a {suffix} file, not '{out.name}'.")
+    for src in inputs:
+        if out.exists() and os.path.samefile(out, src) or out.resolve() == Path(src).resolve():
+            raise OutputError(f"Refusing to write over an input: '{out}'. Choose another output name.")
+    if out.exists() and not overwrite:
+        raise OutputError(f"'{out}' already exists. Choose another name or add --overwrite.")
+    if not out.parent.is_dir():
+        raise OutputError(f"The output folder '{out.parent}' does not exist.")
+    return out
+
+
+def _notes(notes: list[str], limit: int = 10) -> None:
+    for n in notes[:limit]:
+        print(f"note: {n}", file=sys.stderr)
+    if len(notes) > limit:
+        print(f"note: ... and {len(notes) - limit} more like these.", file=sys.stderr)
+
+
+def _family(model) -> str:
+    from .arch import detect
+    return detect({k: i.shape for k, i in model.tensors.items()}, model.name).family
+
+
+def _dtype(name: str | None):
+    from .models import dtype_from_name
+    return dtype_from_name(name) if name else None
+
+
+def _mask_summary(mask) -> str:
+    true = sum(mask.true_count(k) for k in mask.keys())
+    total = sum(mask.numel(k) for k in mask.keys())
+    share = f"{100.0 * true / total:.2f}%" if total else "-"
+    return f"{len(mask)} keys, {share} of {total:,} elements true"
+
+
+def _save_mask(mask, output: str, inputs: list, overwrite: bool) -> None:
+    out = _check_out(output, ".safetensors", inputs, overwrite)
+    mask.save(out)
+    print(f"Wrote mask {out}: {_mask_summary(mask)}")
+
+
+def _save_weights(ws, output: str, inputs: list, overwrite: bool) -> None:
+    out = _check_out(output, ".json", inputs, overwrite)
+    ws.save(out)
+    print(f"Wrote weight set {out}: {len(ws)} keys")
+
+
+def _draw_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probability", type=float, default=0.5, help="random: share of True (default 0.5)")
+    p.add_argument("--mean", type=float, default=0.0, help="gaussian: mean of the draw (default 0)")
+    p.add_argument("--std", type=float, default=1.0, help="gaussian: standard deviation (default 1)")
+    p.add_argument("--threshold", type=float, default=0.0, help="gaussian: True where the draw > threshold (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _out_args(p: argparse.ArgumentParser, suffix: str, many: bool = False) -> None:
+    if many:
+        p.add_argument("-o", "--output", action="append", required=True, help=f"output {suffix} file(s)")
+    else:
+        p.add_argument("-o", "--output", required=True, help=f"output {suffix} file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
+
+
+# ------------------------------------------------------------------------------------ mask
+
+def cmd_mask_simple(args) -> int:
+    from .masks import simple
+    from .models import open_model
+    with open_model(args.model) as m:
+        mask = simple(m, args.mode, probability=args.probability, mean=args.mean, std=args.std,
+                      threshold=args.threshold, seed=args.seed, family=_family(m))
+    _save_mask(mask, args.output, [args.model], args.overwrite)
+    return 0
+
+
+def cmd_mask_magnitude(args) -> int:
+    from .masks import magnitude
+    from .models import open_model
+    with open_model(args.model) as m, open_model(args.base) as base:
+        mask = magnitude(m, base, select=args.select, threshold=args.threshold,
+                         threshold_type=args.threshold_type, layers=args.layers, family=_family(m))
+    _notes(mask.notes)
+    _save_mask(mask, args.output, [args.model, args.base], args.overwrite)
+    return 0
+
+
+def quad_outputs(outputs: list[str]) -> list[str]:
+    """One name OUT.safetensors -> OUT_0 .. OUT_3.safetensors; four names are used as given."""
+    if len(outputs) == 4:
+        return outputs
+    if len(outputs) != 1:
+        raise InputError(f"quad writes 4 masks: give one -o (OUT_0..OUT_3 are made from it) or four, not {len(outputs)}.")
+    p = Path(outputs[0])
+    return [str(p.with_name(f"{p.stem}_{i}{p.suffix}")) for i in range(4)]
+
+
+def cmd_mask_quad(args) -> int:
+    from .masks import quad
+    from .models import open_model
+    outs = quad_outputs(args.output)
+    checked = [_check_out(o, ".safetensors", [args.model], args.overwrite) for o in outs]
+    with open_model(args.model) as m:
+        masks = quad(m, seed=args.seed, family=_family(m))
+    for mask, out in zip(masks, checked):
+        mask.save(out)
+        print(f"Wrote mask {out}: {_mask_summary(mask)}")
+    return 0
+
+
+def cmd_mask_op(args) -> int:
+    from .masks import Mask, combine
+    mask = combine(Mask.load(args.mask_a), Mask.load(args.mask_b), args.op)
+    _save_mask(mask, args.output, [args.mask_a, args.mask_b], args.overwrite)
+    return 0
+
+
+def cmd_mask_edit(args) -> int:
+    from .masks import Mask, edit
+    mask = edit(Mask.load(args.mask), args.layers, args.op, probability=args.probability, mean=args.mean,
+                std=args.std, threshold=args.threshold, seed=args.seed)
+    _save_mask(mask, args.output, [args.mask], args.overwrite)
+    return 0
+
+
+def _add_mask(sub) -> None:
+    from .masks import SET_OPS, SIMPLE_MODES
+    p = sub.add_parser("mask", help="make parameter masks (which elements a merge may change)")
+    ms = p.add_subparsers(dest="mask_command", required=True)
+
+    s = ms.add_parser("simple", help="random, gaussian or constant mask for every key of a model")
+    s.add_argument("--model", required=True, help="model whose keys and shapes the mask covers")
+    s.add_argument("--mode", choices=SIMPLE_MODES, default="random")
+    _draw_args(s)
+    _out_args(s, ".safetensors")
+    s.set_defaults(func=cmd_mask_simple)
+
+    g = ms.add_parser("magnitude", help="mask from |model − base| against a quantile")
+    g.add_argument("--model", required=True)
+    g.add_argument("--base", required=True, help="the base the model was trained from (e.g. SD1.5)")
+    g.add_argument("--select", choices=("above", "below"), default="below",
+                   help="below: elements under the quantile may change; above: those at or over it")
+    g.add_argument("--threshold", type=float, default=0.5, help="quantile between 0 and 1 (default 0.5)")
+    g.add_argument("--threshold-type", choices=("median", "quantile"), default="median",
+                   help="how chunk quantiles combine on tensors over 2^24 elements")
+    g.add_argument("--layers", help="only keys matching these patterns (comma separated, * wildcard)")
+    _out_args(g, ".safetensors")
+    g.set_defaults(func=cmd_mask_magnitude)
+
+    q = ms.add_parser("quad", help="4 disjoint masks that together cover every element")
+    q.add_argument("--model", required=True)
+    q.add_argument("--seed", type=int, default=0)
+    _out_args(q, ".safetensors", many=True)
+    q.set_defaults(func=cmd_mask_quad)
+
+    o = ms.add_parser("op", help="union, intersection, difference or xor of two masks")
+    o.add_argument("op", choices=SET_OPS)
+    o.add_argument("mask_a")
+    o.add_argument("mask_b")
+    _out_args(o, ".safetensors")
+    o.set_defaults(func=cmd_mask_op)
+
+    e = ms.add_parser("edit", help="redraw the masks of the keys matching patterns")
+    e.add_argument("mask")
+    e.add_argument("--layers", required=True, help="key patterns, comma separated, * wildcard")
+    e.add_argument("--op", choices=SIMPLE_MODES, default="true")
+    _draw_args(e)
+    _out_args(e, ".safetensors")
+    e.set_defaults(func=cmd_mask_edit)
+
+
+# ------------------------------------------------------------------------------------ weights
+
+# flag of each part; UNet groups are named after their key prefixes (--output is the output file)
+PART_FLAGS = {"time": "--time", "label": "--label", "input": "--input-blocks", "middle": "--middle-block",
+              "output": "--output-blocks", "out": "--out-block",
+              "norm": "--norm", "attn": "--attn", "ff": "--ff",
+              "exterior": "--exterior", "interior": "--interior", "core": "--core"}
+
+
+def _parts(args, names: tuple[str, ...]) -> dict[str, float]:
+    values = {n: getattr(args, f"part_{n}") for n in names if getattr(args, f"part_{n}") is not None}
+    if not values and args.base is None:
+        raise InputError(f"Give at least one value: {', '.join(PART_FLAGS[n] for n in names)} or --base.")
+    return values
+
+
+def cmd_weights_build(args) -> int:
+    from . import weights as W
+    from .models import open_model
+    with open_model(args.model) as m:
+        family = _family(m)
+        if args.weights_command == "blocks":
+            ws = W.from_blocks(m, family, args.blocks, args.default)
+        elif args.weights_command == "groups":
+            ws = W.from_groups(m, family, _parts(args, W.GROUPS), args.base)
+        elif args.weights_command == "attention":
+            ws = W.from_attention(m, family, _parts(args, W.ATTENTION_PARTS), args.base)
+        else:
+            ws = W.from_shell(m, family, _parts(args, W.SHELL_PARTS), args.base)
+    _save_weights(ws, args.output, [args.model], args.overwrite)
+    return 0
+
+
+def cmd_weights_edit(args) -> int:
+    from .weights import WeightSet, edit
+    ws = edit(WeightSet.load(args.weights), args.layers, args.op, args.value)
+    _save_weights(ws, args.output, [args.weights], args.overwrite)
+    return 0
+
+
+def cmd_weights_op(args) -> int:
+    from .weights import WeightSet, combine
+    ws = combine(WeightSet.load(args.weights_a), WeightSet.load(args.weights_b), args.op, args.join)
+    _save_weights(ws, args.output, [args.weights_a, args.weights_b], args.overwrite)
+    return 0
+
+
+def _add_weights(sub) -> None:
+    from .weights import ATTENTION_PARTS, GROUPS, SHELL_PARTS, WEIGHT_COMBINE_OPS, WEIGHT_EDIT_OPS
+    p = sub.add_parser("weights", help="make per-key weight sets (layer gradients) for α and other block parameters")
+    ws = p.add_subparsers(dest="weights_command", required=True)
+
+    b = ws.add_parser("blocks", help="one value per MBW block (26 SD1/SD2, 20 SDXL)")
+    b.add_argument("--model", required=True, help="model whose keys (and architecture) the set covers")
+    b.add_argument("--blocks", required=True, help="numbers in block order, NAME=value pairs or a preset")
+    b.add_argument("--default", type=float, default=0.0, help="value of blocks that NAME=value pairs leave out")
+    _out_args(b, ".json")
+    b.set_defaults(func=cmd_weights_build)
+
+    for name, parts, help_ in (("groups", GROUPS, "one value per UNet group (time, label, input, middle, output, out)"),
+                               ("attention", ATTENTION_PARTS, "one value per attention part (norm, attn, ff)"),
+                               ("shell", SHELL_PARTS, "onion layers of the UNet (exterior, interior, core)")):
+        c = ws.add_parser(name, help=help_)
+        c.add_argument("--model", required=True, help="model whose keys (and architecture) the set covers")
+        for part in parts:
+            c.add_argument(PART_FLAGS[part], dest=f"part_{part}", type=float, metavar="V",
+                           help=f"value of the {part} keys (left out when not given)")
+        c.add_argument("--base", type=float, help="value of the text-encoder keys (left out when not given)")
+        _out_args(c, ".json")
+        c.set_defaults(func=cmd_weights_build)
+
+    e = ws.add_parser("edit", help="change the values of the keys matching patterns")
+    e.add_argument("weights")
+    e.add_argument("--layers", required=True, help="key patterns, comma separated, * wildcard")
+    e.add_argument("--op", choices=WEIGHT_EDIT_OPS, default="set")
+    e.add_argument("--value", type=float, required=True)
+    _out_args(e, ".json")
+    e.set_defaults(func=cmd_weights_edit)
+
+    o = ws.add_parser("op", help="combine two weight sets key by key")
+    o.add_argument("weights_a")
+    o.add_argument("weights_b")
+    o.add_argument("--op", choices=WEIGHT_COMBINE_OPS, default="mean")
+    o.add_argument("--join", choices=("inner", "outer"), default="inner",
+                   help="inner: keys in both; outer: all keys, a lone value copied")
+    _out_args(o, ".json")
+    o.set_defaults(func=cmd_weights_op)
+
+
+# ------------------------------------------------------------------------------------ normalize / noise
+
+def cmd_normalize(args) -> int:
+    from .tools import normalize
+    if not args.model or len(args.model) != 2:
+        raise InputError("normalize takes two models: --model A --model B (A is scaled toward B).")
+    a, b = args.model
+    _check_out(args.output, ".safetensors", [a, b], args.overwrite)
+    result = normalize(a, b, args.output, mode=args.mode, magnify=args.magnify, dtype=_dtype(args.dtype),
+                       overwrite=args.overwrite)
+    _notes(result.notes)
+    print(f"Wrote {result.path}: {len(result.changed)} tensors scaled ({args.mode})")
+    return 0
+
+
+def cmd_noise(args) -> int:
+    from .masks import Mask
+    from .tools import inject_noise
+    _check_out(args.output, ".safetensors", [args.model], args.overwrite)
+    mask = Mask.load(args.mask) if args.mask else None
+    result = inject_noise(args.model, args.output, kind=args.kind, ratio=args.ratio, mean=args.mean, std=args.std,
+                          layers=args.layers, mask=mask, seed=args.seed, dtype=_dtype(args.dtype),
+                          overwrite=args.overwrite)
+    print(f"Wrote {result.path}: noise added to {len(result.changed)} tensors")
+    return 0
+
+
+def _add_normalize_and_noise(sub) -> None:
+    from .tools import NOISE_KINDS, NORMALIZE_MODES
+    n = sub.add_parser("normalize", help="scale model A's parameter norms toward model B's")
+    n.add_argument("--model", action="append", help="--model A --model B")
+    n.add_argument("--mode", choices=NORMALIZE_MODES, default="attn_only")
+    n.add_argument("--magnify", action="store_true", help="use ‖A‖/‖B‖ instead of ‖B‖/‖A‖")
+    n.add_argument("--dtype", choices=DTYPES, help="output dtype of float tensors (default: A's)")
+    _out_args(n, ".safetensors")
+    n.set_defaults(func=cmd_normalize)
+
+    z = sub.add_parser("noise", help="add seeded noise to chosen layers of a model")
+    z.add_argument("--model", required=True)
+    z.add_argument("--kind", choices=NOISE_KINDS, default="gaussian")
+    z.add_argument("--ratio", type=float, default=0.98, help="share of the original: result = A + (1 − ratio)·noise")
+    z.add_argument("--mean", type=float, default=0.05, help="gaussian: N(mean, std) − mean (mean cancels)")
+    z.add_argument("--std", type=float, default=0.01, help="gaussian: standard deviation")
+    z.add_argument("--layers", help="key patterns, comma separated, * wildcard (e.g. '*.to_v*')")
+    z.add_argument("--mask", help="a mask file: noise only where it is True")
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--dtype", choices=DTYPES, help="output dtype of float tensors (default: the model's)")
+    _out_args(z, ".safetensors")
+    z.set_defaults(func=cmd_noise)
+
+
+# ------------------------------------------------------------------------------------ reports
+
+def _png(args, inputs: list) -> Path | None:
+    return _check_out(args.png, ".png", inputs, args.overwrite) if args.png else None
+
+
+def cmd_report_mask(args) -> int:
+    from .masks import Mask
+    from .models import open_model
+    from .report import mask_report, mask_report_png
+    png = _png(args, [args.file])
+    mask = Mask.load(args.file)
+    family = args.family
+    if args.model:
+        with open_model(args.model) as m:
+            family = _family(m)
+    print(mask_report(mask, family, details=args.details))
+    if png:
+        mask_report_png(mask, png, family)
+        print(f"Wrote {png}")
+    return 0
+
+
+def cmd_report_weights(args) -> int:
+    from .report import weights_report, weights_report_png
+    from .weights import WeightSet
+    png = _png(args, [args.file])
+    ws = WeightSet.load(args.file)
+    print(weights_report(ws, args.family, details=not args.summary))
+    if png:
+        weights_report_png(ws, png, args.family)
+        print(f"Wrote {png}")
+    return 0
+
+
+def cmd_report_layer(args) -> int:
+    from .report import layer_report
+    png = _png(args, [args.model])
+    print(layer_report(args.model, args.key, png, args.scaling))
+    if png:
+        print(f"Wrote {png}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    from .report import LAYER_SCALINGS
+    p = sub.add_parser("report", help="describe a mask, a weight set or one model layer (text, optional PNG)")
+    rs = p.add_subparsers(dest="report_command", required=True)
+
+    m = rs.add_parser("mask", help="share of True per block (and per key)")
+    m.add_argument("file")
+    m.add_argument("--model", help="a model of the mask's architecture (default: the mask's own record)")
+    m.add_argument("--family", choices=("sd1", "sd2", "sdxl"))
+    m.add_argument("--details", action="store_true", help="also one line per key")
+    m.set_defaults(func=cmd_report_mask)
+
+    w = rs.add_parser("weights", help="values per block and per key")
+    w.add_argument("file")
+    w.add_argument("--family", choices=("sd1", "sd2", "sdxl"))
+    w.add_argument("--summary", action="store_true", help="per block only, no line per key")
+    w.set_defaults(func=cmd_report_weights)
+
+    lr = rs.add_parser("layer", help="statistics and a heat map of one tensor")
+    lr.add_argument("model")
+    lr.add_argument("--key", required=True)
+    lr.add_argument("--scaling", choices=LAYER_SCALINGS, default="none")
+    lr.set_defaults(func=cmd_report_layer)
+
+    for r in (m, w, lr):
+        r.add_argument("--png", help="also draw a .png")
+        r.add_argument("--overwrite", action="store_true", help="replace an existing .png")
+
+
+# ------------------------------------------------------------------------------------ entry points
+
+def add_tool_commands(subparsers) -> None:
+    """Add mask, weights, normalize, noise and report to an argparse subparsers object."""
+    _add_mask(subparsers)
+    _add_weights(subparsers)
+    _add_normalize_and_noise(subparsers)
+    _add_report(subparsers)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lib_merge.cli_tools",
+                                description="Merge Lab tools: masks, weight sets, normalize, noise, reports.")
+    add_tool_commands(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
