@@ -203,6 +203,50 @@ class DictSink(Sink):
         self.state = {}
 
 
+class TensorSink(Sink):
+    """Into existing tensors (a live model's parameters), chunk by chunk: no second copy of the model.
+
+    `targets` maps checkpoint key names to tensors (any device and dtype: copy_ converts); keys without a
+    target are skipped (`skipped` lists them). `on_abort` is called if the merge fails half way, so the
+    owner can put the model back in a known state.
+    """
+
+    def __init__(self, targets: dict[str, torch.Tensor], on_abort: Callable[[], None] | None = None,
+                 keys: Callable[[str], bool] | None = None):
+        self.targets = targets
+        self.on_abort = on_abort
+        self.wanted = keys or (lambda key: True)
+        self.skipped: list[str] = []
+        self.metadata: dict[str, str] = {}
+
+    def open(self, entries, metadata_draft=None):
+        for key, dtype, shape in entries:
+            t = self.targets.get(key)
+            if t is None or not self.wanted(key):
+                self.skipped.append(key)
+            elif tuple(t.shape) != tuple(shape):
+                raise InputError(f"The loaded model's '{key}' has shape {list(t.shape)}, the merge's {list(shape)}: "
+                                 f"load a model of the merge's architecture first.")
+
+    def write(self, key, tensor, row0=0):
+        t = self.targets.get(key)
+        if t is None or not self.wanted(key):
+            return
+        with torch.no_grad():
+            if t.dim() == 0:
+                t.copy_(tensor.reshape(()))
+            else:
+                t[row0:row0 + tensor.shape[0]].copy_(tensor)
+
+    def close(self, metadata):
+        self.metadata = metadata
+        return self.targets
+
+    def abort(self):
+        if self.on_abort is not None:
+            self.on_abort()
+
+
 # ----------------------------------------------------------------------------------------- executor
 
 class _Workspace:

@@ -74,20 +74,36 @@ def _run(host: Host, title: str, work: Callable[[Callable], Any]) -> Any:
 
 
 def merge_to_memory(host: Host, recipe: Recipe) -> MergeSummary:
-    """Merge into memory and load the result into the host's live model (no file written)."""
-    from .engine import DictSink, merge
+    """Merge straight into the host's live model (no file written); the recipe labels what is loaded."""
+    from .arch import VAE
+    from .engine import merge
     started = time.monotonic()
     try:
-        result = _run(host, "Merging", lambda progress: merge(
-            recipe, DictSink(), search_dirs=host.search_dirs(), progress=progress, cancel=host.interrupted,
-            device=host.setting("merge_lab_device", "cpu"), threads=host.setting("merge_lab_threads", None)))
+        family = family_of(host, recipe)
+
+        def work(progress):
+            with host.live_target(family, VAE in recipe.components) as sink:
+                return merge(recipe, sink, search_dirs=host.search_dirs(), progress=progress,
+                             cancel=host.interrupted, device=host.setting("merge_lab_device", "cpu"),
+                             threads=host.setting("merge_lab_threads", None) or None)
+
+        result = _run(host, "Merging", work)
         merged = LoadedMerge(merged_name(recipe), _recipe_hash(recipe), recipe.to_json(indent=None))
-        host.load_state(result.output, merged)
+        host.set_loaded(merged)
     except MergeError as e:
         return MergeSummary(False, str(e))
     return MergeSummary(True, f"Merged {merged.name} into memory in {time.monotonic() - started:.1f} s.",
                         recipe.to_json(), merged.name, merged.short_hash, seconds=time.monotonic() - started,
                         warnings=result.warnings)
+
+
+def family_of(host: Host, recipe: Recipe) -> str:
+    """The architecture family of the recipe's model A, from its header."""
+    from .arch import detect
+    from .engine import resolve_model_path
+    from .models import open_model
+    with open_model(resolve_model_path(recipe.models[0], host.search_dirs())) as a:
+        return detect({k: i.shape for k, i in a.tensors.items()}, a.name).family
 
 
 def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False) -> MergeSummary:
@@ -100,7 +116,8 @@ def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False) -> M
         result = _run(host, "Saving", lambda progress: merge(
             recipe, FileSink(path, overwrite=overwrite), search_dirs=host.search_dirs(), progress=progress,
             cancel=host.interrupted, device=host.setting("merge_lab_device", "cpu"),
-            threads=host.setting("merge_lab_threads", None)))
+            threads=host.setting("merge_lab_threads", None) or None))
+        host.saved(path)
     except MergeError as e:
         return MergeSummary(False, str(e))
     return MergeSummary(True, f"Saved {path.name} ({path.stat().st_size / 2**30:.2f} GiB) in "

@@ -44,11 +44,12 @@ class Host:
 
     name = "host"
     can_generate = False          # whether generate() works here (the WebUI: yes)
-    has_live_model = False        # whether load_state() puts weights into a model that generates
+    has_live_model = False        # whether live_target() writes into a model that generates images
 
     def __init__(self):
         self._interrupt = threading.Event()
         self.loaded: LoadedMerge | None = None
+        self.current_state: dict | None = None   # the last in-memory merge where there is no live model
 
     # ---- models and folders
     def list_checkpoints(self, refresh: bool = False) -> list[str]:
@@ -66,18 +67,35 @@ class Host:
     def output_dir(self) -> Path:
         raise NotImplementedError
 
+    def saved(self, path: Path) -> None:
+        """A merge was saved to `path` (the WebUI refreshes its checkpoint list)."""
+
     def search_dirs(self) -> list[Path]:
         """Folders where a recipe's model names are looked up."""
         return []
 
     # ---- the live model
-    def load_state(self, state: dict, merged: LoadedMerge) -> None:
-        """Put a merged state dict (checkpoint key names) into the live model, in memory."""
+    @contextlib.contextmanager
+    def live_target(self, family: str, merge_vae: bool):
+        """A sink for merging straight into the live model (the WebUI: its parameters, no second copy).
+
+        Here (no live model) the merge goes into memory and is kept as the current merge. `family` is the
+        merge's architecture (a host may refuse a live model of another one); the VAE is written only when
+        the merge merges it.
+        """
+        from ..engine import DictSink
+        sink = DictSink()
+        yield sink
+        self.current_state = sink.state
+
+    def set_loaded(self, merged: LoadedMerge) -> None:
+        """Record what the live model now holds (the WebUI also labels its infotext with it)."""
         self.loaded = merged
 
     def restore(self) -> None:
         """Put the original weights back."""
         self.loaded = None
+        self.current_state = None
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         from ..errors import MergeError
