@@ -214,6 +214,9 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"])
     pr.set_defaults(func=cmd_presets)
 
+    from .cli_tools import add_tool_commands
+    add_tool_commands(sub)  # mask, weights, normalize, noise, report
+
     d = sub.add_parser("demo", help="create two tiny demo checkpoints and merge them (no downloads)")
     d.add_argument("--dir", default="merge-lab-demo", help="folder for the demo files")
     d.set_defaults(func=cmd_demo)

@@ -1,7 +1,7 @@
-"""A1111 glue for Merge Lab: makes `lib_merge` importable. Nothing else lives here.
+"""A1111 glue for Merge Lab: registers the "Merge" tab, its settings section, its API routes, and the
+infotext label of merged models. Nothing else lives here; the work is in lib_merge.
 
-The tab, settings and API routes are registered from lib_merge.ui / lib_merge.host.webui as they land;
-importing this file stays cheap (no matplotlib, diffusers or ImageReward at WebUI start-up).
+Importing this file stays cheap: lib_merge's UI, torch-heavy and plotting modules load when first used.
 """
 import os
 import sys
@@ -10,4 +10,51 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import lib_merge  # noqa: E402,F401  (cheap: the package imports nothing heavy)
+from modules import script_callbacks, scripts  # noqa: E402
+
+_host = None
+
+
+def host():
+    """The one WebUIHost of this WebUI process."""
+    global _host
+    if _host is None:
+        from lib_merge.host.webui import WebUIHost
+        _host = WebUIHost()
+    return _host
+
+
+def on_ui_tabs():
+    from lib_merge.ui.tab import build_tab
+    return [(build_tab(host()), "Merge", "merge_lab_tab")]
+
+
+def on_ui_settings():
+    from lib_merge.host.webui import register_settings
+    register_settings()
+
+
+def on_app_started(demo, app):
+    from lib_merge.api import register_routes
+    from lib_merge.host.webui import api_dependencies
+    register_routes(app, host(), api_dependencies())
+
+
+class MergeLabInfotext(scripts.Script):
+    """Adds the loaded merge's recipe to the infotext of every txt2img/img2img generation."""
+
+    def title(self):
+        return "Merge Lab infotext"
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def process(self, p, *args):
+        if _host is not None and _host.loaded is not None:
+            from lib_merge.host.webui import add_recipe_to_infotext
+            add_recipe_to_infotext(p, _host.loaded)
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_app_started(on_app_started)

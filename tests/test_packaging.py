@@ -9,16 +9,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_extension_import_is_cheap():
-    code = (
-        "import sys, runpy; runpy.run_path('scripts/merge_lab.py');"
-        "import lib_merge.engine, lib_merge.cli;"
-        "heavy = [m for m in ('matplotlib', 'diffusers', 'ImageReward', 'transformers', 'gradio') if m in sys.modules];"
-        "print(heavy)"
+FAKE_WEBUI = """
+import sys, types
+modules = types.ModuleType("modules")
+cb = types.ModuleType("modules.script_callbacks")
+cb.registered = []
+for name in ("on_ui_tabs", "on_ui_settings", "on_app_started"):
+    setattr(cb, name, lambda fn, name=name: cb.registered.append(name))
+scripts = types.ModuleType("modules.scripts")
+scripts.Script = object
+scripts.AlwaysVisible = object()
+modules.script_callbacks, modules.scripts = cb, scripts
+sys.modules.update({"modules": modules, "modules.script_callbacks": cb, "modules.scripts": scripts})
+"""
+
+
+def test_extension_import_is_cheap_and_registers_its_callbacks():
+    # the WebUI's `modules` stand-in has only what scripts/merge_lab.py touches at import time
+    code = FAKE_WEBUI + (
+        "import runpy; runpy.run_path('scripts/merge_lab.py');"
+        "heavy = [m for m in ('matplotlib', 'diffusers', 'ImageReward', 'transformers', 'gradio', 'lib_merge.ui')"
+        " if m in sys.modules];"
+        "print(heavy, sorted(cb.registered))"
     )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "[]"
+    assert p.stdout.strip() == "[] ['on_app_started', 'on_ui_settings', 'on_ui_tabs']"
 
 
 def test_install_py_installs_only_missing_tagged_requirements(monkeypatch):
