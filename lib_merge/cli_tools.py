@@ -19,12 +19,19 @@ DTYPES = ("float16", "bfloat16", "float32")
 
 # ------------------------------------------------------------------------------------ helpers
 
+def _same_file(a: Path, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == Path(b).resolve()
+
+
 def _check_out(path: str, suffix: str, inputs: list, overwrite: bool) -> Path:
     out = Path(path)
     if out.suffix.lower() != suffix:
         raise OutputError(f"The output must be a {suffix} file, not '{out.name}'.")
     for src in inputs:
-        if out.exists() and os.path.samefile(out, src) or out.resolve() == Path(src).resolve():
+        if _same_file(out, src):
             raise OutputError(f"Refusing to write over an input: '{out}'. Choose another output name.")
     if out.exists() and not overwrite:
         raise OutputError(f"'{out}' already exists. Choose another name or add --overwrite.")

@@ -4,8 +4,8 @@ True means "may change", False means "keep model A's value". A key that is not i
 unrestricted (the engine treats `get` returning None as all True).
 
 A mask is stored one bit per element (numpy.packbits of the flattened tensor, big bit order, the padding
-bits of the last byte always zero), so a mask of a whole SDXL checkpoint takes about 330 MB instead of
-2.6 GB of bools. The packed arrays are never changed in place: edits and set operations build new ones.
+bits of the last byte always zero), so a mask of a whole SDXL checkpoint (UNet and text encoders, 3.4 G
+elements) takes about 400 MiB instead of 3.4 GB of bools. The packed arrays are never changed in place: edits and set operations build new ones.
 
 Every random draw comes from a CPU torch.Generator seeded from sha256(f"{seed}:{key}") (as the engine
 seeds its methods), so a mask depends on the seed and the key only, never on the order of the keys.
@@ -159,7 +159,7 @@ class Mask:
                 if info.dtype != torch.uint8 or info.shape != (n_bytes,):
                     raise InputError(f"'{path.name}': the mask of '{key}' does not match its recorded shape; "
                                      f"the file is damaged.")
-                packed = f.read(key).numpy().copy()
+                packed = f.read(key).numpy()  # a fresh array: ours to keep
                 if packed.size and _numel(shape) % 8:
                     packed[-1] &= (0xFF << (8 - _numel(shape) % 8)) & 0xFF  # padding bits stay zero
                 mask._put_packed(key, shape, packed)

@@ -286,3 +286,5 @@ def test_cli_normalize_noise_and_reports(tiny, tmp_path, capsys):
     assert "shape [10, 10]" in capsys.readouterr().out
     with pytest.raises(OutputError, match="already exists"):
         _cli("report", "layer", a, "--key", TO_V, "--png", tmp_path / "l.png")
+    with pytest.raises(InputError, match="not found"):
+        _cli("report", "layer", tmp_path / "gone.safetensors", "--key", TO_V, "--png", tmp_path / "l.png", "--overwrite")
