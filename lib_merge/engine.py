@@ -11,6 +11,8 @@ Sinks: FileSink (streaming .safetensors, atomic) and DictSink (in memory). Both 
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import os
 import threading
@@ -531,20 +533,21 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
     try:
         sink.open(plan.entries, metadata_draft)
         try:
-            if threads <= 1:
-                for task in plan.tasks:
-                    run_task(task)
-            else:
-                with ThreadPoolExecutor(threads, thread_name_prefix="merge") as pool:
-                    futures = [pool.submit(run_task, t) for t in plan.tasks]
-                    try:
-                        for f in futures:
-                            f.result()
-                    except BaseException:
-                        stop.set()
-                        for f in futures:
-                            f.cancel()
-                        raise
+            with _steady_heap():
+                if threads <= 1:
+                    for task in plan.tasks:
+                        run_task(task)
+                else:
+                    with ThreadPoolExecutor(threads, thread_name_prefix="merge") as pool:
+                        futures = [pool.submit(run_task, t) for t in plan.tasks]
+                        try:
+                            for f in futures:
+                                f.result()
+                        except BaseException:
+                            stop.set()
+                            for f in futures:
+                                f.cancel()
+                            raise
         except BaseException:
             sink.abort()
             raise
@@ -552,6 +555,32 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
         if torch.get_num_threads() != old_threads:
             torch.set_num_threads(old_threads)
     return bad_keys
+
+
+@contextlib.contextmanager
+def _steady_heap():
+    """Keep freed chunk-sized buffers in the heap while merging (glibc only).
+
+    Methods allocate temporaries of a chunk's size; glibc maps such blocks fresh from the kernel and
+    unmaps them on free, so every chunk pays page faults (measured: TIES' final pass 1.6x slower). During
+    the merge, blocks below 256 MB come from the heap and stay there; afterwards the thresholds go back to
+    glibc's usual steady state (32 MB / 64 MB) and the cached memory is returned with malloc_trim.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        yield
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 256 << 20)
+    mallopt(M_TRIM_THRESHOLD, 512 << 20)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(M_TRIM_THRESHOLD, 64 << 20)
+        trim(0)
 
 
 def _apply_mask(mask, task: Task, out: torch.Tensor, rows, a: ModelFile, read, ws, device, dtype) -> torch.Tensor:
