@@ -1,4 +1,4 @@
-"""Command line: `python -m lib_merge merge|info|methods|presets|demo ...`.
+"""Command line: `python -m lib_merge merge|info|methods|presets|demo|ui ...`.
 
 Exit status: 0 on success, 2 on a user error (the message goes to stderr and no output file is left),
 1 on an unexpected failure (a bug: please report it with the traceback).
@@ -166,6 +166,12 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.dir), progress=TerminalProgress())
 
 
+def cmd_ui(args) -> int:
+    """The standalone Merge app in the browser (gradio is imported only now)."""
+    from .ui.app import run
+    return run(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lib_merge", description="Merge Lab: merge Stable Diffusion checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,6 +226,10 @@ def make_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="create two tiny demo checkpoints and merge them (no downloads)")
     d.add_argument("--dir", default="merge-lab-demo", help="folder for the demo files")
     d.set_defaults(func=cmd_demo)
+
+    from .ui.app import make_parser as ui_parser  # cheap: the app module imports gradio only when it runs
+    u = sub.add_parser("ui", parents=[ui_parser(add_help=False)], help="the Merge app in your browser")
+    u.set_defaults(func=cmd_ui)
     return p
 
 

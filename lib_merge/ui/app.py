@@ -1,0 +1,73 @@
+"""The standalone Merge Lab app: `python -m lib_merge ui [--port 7861] [--models-dir ./models] ...`.
+
+A gr.Blocks page with a "Merge" tab (more tabs later) over a StandaloneHost, queued so long merges stream
+their progress and Interrupt works, served on 127.0.0.1 unless --host says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CSS = """
+#merge_lab_status .merge-lab-warnings { font-weight: 400; margin: 0.25em 0 0 1.2em; }
+"""
+
+
+def make_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lib_merge ui", description="The Merge Lab app in your browser.",
+                                add_help=add_help)
+    p.add_argument("--port", type=int, default=7861, help="port to serve on (default 7861)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 exposes the "
+                        "app, and the files it can read, to your network)")
+    p.add_argument("--models-dir", default="models", help="folder of checkpoints (default ./models; LoRAs in models/Lora)")
+    p.add_argument("--output-dir", default="outputs", help="folder for saved merges (default ./outputs)")
+    p.add_argument("--concurrency", type=int, default=2, help="jobs that may run at once (merges still run one at a time)")
+    return p
+
+
+def build_app(host):
+    """The page: a Blocks app with the Merge tab."""
+    import gradio as gr
+
+    from .tab import build_tab
+
+    css = CSS
+    style = ROOT / "style.css"
+    if style.is_file():
+        css = style.read_text(encoding="utf-8") + css
+    merge_tab = build_tab(host)  # built outside the page's context, then rendered in it (as the WebUI does)
+    with gr.Blocks(title="Merge Lab", css=css, analytics_enabled=False) as app:
+        with gr.Tabs():
+            with gr.Tab("Merge", id="merge", elem_id="merge_lab_tab"):
+                merge_tab.render()
+    return app
+
+
+def queue(app, concurrency: int):
+    """Enable the queue on gradio 3.x (concurrency_count) and 4.x+ (default_concurrency_limit)."""
+    import gradio as gr
+    if int(gr.__version__.split(".")[0]) >= 4:
+        return app.queue(default_concurrency_limit=concurrency)
+    return app.queue(concurrency_count=concurrency)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(make_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from ..host.standalone import StandaloneHost
+
+    host = StandaloneHost(args.models_dir, args.output_dir)
+    print(f"Merge Lab: models from {host.models_dir}, merges saved to {host.output_folder}", flush=True)
+    app = queue(build_app(host), args.concurrency)
+    app.launch(server_name=args.host, server_port=args.port, inbrowser=False, show_api=False, quiet=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
