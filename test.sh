@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash tools/venv.sh
+bash tools/browser.sh || true   # chromium for tests/test_browser.py (skipped when it cannot be installed)
 exec .venv/bin/python -m pytest -q tests "$@"
