@@ -392,12 +392,21 @@ def tsd(models, *, base, drop, rescale, rng, stats=None, **p):
 # once per iteration.
 
 def _gram_pass(stream, features, center: bool = True) -> torch.Tensor:
-    """Σ over chunks of Y·Yᵀ in float64, Y = the features of every model (minus model 0's when centring)."""
+    """Σ over chunks of Y·Yᵀ, Y = the features of every model (minus model 0's when centring).
+
+    Products are taken over blocks of 64 K elements in the compute dtype and summed in float64, which
+    keeps the sums accurate without a float64 copy of every chunk.
+    """
     g = torch.zeros(stream.n, stream.n, dtype=torch.float64)
+    block = 1 << 16
     for chunk in stream.chunks():
-        x = features(chunk).reshape(stream.n, -1)
-        y = (x - x[0]).double() if center else x.double()
-        g += (y @ y.T).cpu()
+        y = features(chunk).reshape(stream.n, -1)
+        if center:
+            y[1:].sub_(y[0])
+            y[0].zero_()
+        for start in range(0, y.shape[1], block):
+            part = y[:, start:start + block]
+            g += (part @ part.T).double().cpu()
     return g
 
 
