@@ -296,3 +296,29 @@ def test_base_rules_and_lambda_blocks(family, tiny):
     assert torch.equal(out["model.diffusion_model.output_blocks.8.0.skip_connection.weight"],
                        base["model.diffusion_model.output_blocks.8.0.skip_connection.weight"])
     assert not torch.equal(out[KEYS[0]], base[KEYS[0]])
+
+
+def test_one_hundred_models(tmp_path):
+    """The many-model path at its limit: 100 small checkpoints (a few real SD1 keys each) and a base."""
+    keys = {"cond_stage_model.transformer.text_model.final_layer_norm.weight": (16,),
+            "model.diffusion_model.input_blocks.1.1.proj_in.weight": (24, 24, 1, 1),
+            "model.diffusion_model.out.2.weight": (4, 24, 3, 3)}
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=g) for k, s in keys.items()}
+    save_state_dict(base, tmp_path / "base.safetensors")
+    models = []
+    for i in range(100):
+        sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        save_state_dict(sd, tmp_path / f"m{i:03d}.safetensors")
+        models.append(sd)
+    refs = [ModelRef(f"m{i:03d}.safetensors", str(tmp_path / f"m{i:03d}.safetensors")) for i in range(100)]
+    soup = merge(Recipe("uniform_soup", refs, dtype="float32"), DictSink(), threads=2).output
+    ties = merge(Recipe("ties", refs, base=ModelRef("base", str(tmp_path / "base.safetensors")),
+                        params={"density": 0.5}, dtype="float32"), DictSink(), threads=2).output
+    for k in keys:
+        torch.testing.assert_close(soup[k].double(), sum(m[k].double() for m in models) / 100, rtol=1e-5, atol=1e-6)
+        trimmed = [ref_trim((m[k] - base[k]).double(), 0.5) for m in models]
+        torch.testing.assert_close(ties[k].double(), base[k].double() + ref_disjoint(trimmed, "sum"),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="2 to 100 models"):
+        merge(Recipe("uniform_soup", refs + refs[:1]), DictSink())
