@@ -498,3 +498,14 @@ def test_cli_ui_subcommand_and_app_build(host):
     app = queue(build_app(host), 2)
     assert isinstance(app, gr.Blocks)
     assert any(getattr(b, "elem_id", None) == "merge_lab_merge" for b in app.blocks.values())
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_merges_the_same_bits(tab, host):
+    assert "cuda" in choices(tab.c["device"])
+    saved = {}
+    for device in ("cpu", "cuda"):
+        v = form(tab, model_a=A, model_b=B, device=device, save_name=device, dtype="float32")
+        assert "merge-lab-ok" in run(tab.on_save(v))["status"]
+        saved[device] = (host.output_folder / f"{device}.safetensors").read_bytes()
+    assert saved["cpu"] == saved["cuda"]

@@ -39,16 +39,27 @@ PRESET_CHOICES = list(PRESETS)
 
 
 # ------------------------------------------------------------------------------------------ status
-def status_html(kind: str, message: str, warnings: list[str] | tuple = (), fraction: float | None = None) -> str:
-    """The status line: kind is ok | error | busy | info."""
+def status_html(kind: str, message: str, warnings: list[str] | tuple = (), fraction: float | None = None,
+                detail: str = "") -> str:
+    """The status line: kind is ok | error | busy | info; a progress bar, warnings and a detail line."""
     color = {"error": "var(--error-text-color, #c00)", "ok": "var(--color-green-600, #15803d)"}.get(kind, "inherit")
     body = html.escape(message)
     if fraction is not None:
         body += f' <progress max="1" value="{max(0.0, min(1.0, fraction)):.3f}" style="width: 10em"></progress>'
+    if detail:
+        body += (f'<div style="font-weight: 400; font-size: smaller; overflow-wrap: anywhere">'
+                 f'{html.escape(detail)}</div>')
     items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
     extra = f'<ul class="merge-lab-warnings">{items}</ul>' if items else ""
     return (f'<div class="merge-lab-status merge-lab-{kind}" style="color: {color}; font-weight: 600">'
             f'{body}{extra}</div>')
+
+
+def busy_html(title: str, seconds: float, fraction: float | None = None, detail: str = "") -> str:
+    """The status line of a running job: title, share done, time, and what it works on (a tensor name)."""
+    done = f" {fraction * 100:.0f}%" if fraction is not None else ""
+    return status_html("busy", f"{title}…{done} ({seconds:.0f} s)", fraction=fraction,
+                       detail=detail.split(": ", 1)[-1])  # session reports "Merging: <key>"
 
 
 def error_html(e: BaseException) -> str:
@@ -406,7 +417,7 @@ class MergeTab:
                   + [f"group:{m}" for m in METHODS] + [f"bw_bank:{b}" for b in range(F.BANKS)]
                   + [f"bw_head:{b}" for b in range(F.BANKS)] + sliders + banks)
         everything = list(self.c)
-        quick = dict(queue=False)
+        quick = dict(queue=False, show_progress="hidden")
 
         self._on(c["method"].change, self.on_method, None, layout, **quick)
         for slot in slots:
@@ -425,17 +436,18 @@ class MergeTab:
             self._on(c[f"bw_preset:{bank}"].change, self._preset_handler(bank), None, bank_out, **quick)
         self._on(c["mbw"].change, self.on_plot, None, ["plot"], **quick)
 
-        job_out = ["status", "recipe", "current", "save_name", "gallery"]
-        self._on(c["merge"].click, self.on_merge, None, job_out)
-        self._on(c["save"].click, self.on_save, None, job_out)
-        self._on(c["generate"].click, self.on_generate, None, job_out)
-        self._on(c["merge_generate"].click, self.on_merge_generate, None, job_out)
+        job = dict(show_progress="minimal")   # the status line shows the job's own progress
+        merged = ["status", "recipe", "current"]
+        self._on(c["merge"].click, self.on_merge, None, merged, **job)
+        self._on(c["save"].click, self.on_save, None, merged + ["save_name"], **job)
+        self._on(c["generate"].click, self.on_generate, None, ["status", "gallery"], **job)
+        self._on(c["merge_generate"].click, self.on_merge_generate, None, merged + ["gallery"], **job)
         self._on(c["restore"].click, self.on_restore, [], ["status", "current"])
         self._on(c["interrupt"].click, self.on_interrupt, [], ["status"], **quick)
         self._on(c["load_recipe"].click, self.on_load_recipe, None, everything, **quick)
         self._on(c["load_infotext"].click, self.on_load_infotext, None, everything, **quick)
-        self._on(c["mask_make"].click, self.on_make_mask, None, ["status", "mask"])
-        self._on(c["weights_make"].click, self.on_make_weights, None, ["status", "weights"])
+        self._on(c["mask_make"].click, self.on_make_mask, None, ["status", "mask"], **job)
+        self._on(c["weights_make"].click, self.on_make_weights, None, ["status", "weights"], **job)
 
     def _slider_handler(self, bank: int):
         def on_slider(v):
@@ -648,8 +660,7 @@ class MergeTab:
         for done, result in _background(lambda: action(host, recipe)):
             if not done:
                 fraction, text = getattr(self.host, "last_progress", (None, ""))
-                yield {"status": status_html("busy", f"{title}… {time.monotonic() - started:.0f} s "
-                                                     f"{text or ''}", fraction=fraction)}
+                yield {"status": busy_html(title, time.monotonic() - started, fraction, text)}
                 continue
             if isinstance(result, MergeError):
                 result = session.MergeSummary(False, str(result))
@@ -683,7 +694,7 @@ class MergeTab:
         started = time.monotonic()
         for done, result in _background(lambda: self.host.generate(request())):
             if not done:
-                yield {"status": status_html("busy", f"Generating… {time.monotonic() - started:.0f} s")}
+                yield {"status": busy_html("Generating", time.monotonic() - started)}
             elif isinstance(result, MergeError):
                 yield {"status": error_html(result)}
             elif isinstance(result, BaseException):
