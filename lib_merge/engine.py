@@ -148,11 +148,17 @@ def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
 # -------------------------------------------------------------------------------------------- sinks
 
 class Sink:
-    def open(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata_draft: dict | None = None) -> None:
-        """Receive every (key, dtype, shape) before any data, and a draft of the final metadata."""
+    """Where a merge goes. `open` gets every (key, dtype, shape) and a draft of the metadata before any
+    data; `write` gets row chunks from any thread; `close` finishes with the metadata; `abort` undoes."""
+
+    def open(self, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata_draft: dict | None = None) -> None: ...
     def write(self, key: str, tensor: torch.Tensor, row0: int = 0) -> None: ...
     def close(self, metadata: dict[str, str]) -> Any: ...
     def abort(self) -> None: ...
+
+    def dtype_for(self, key: str, planned: torch.dtype) -> torch.dtype:
+        """The dtype the sink wants for `key` (files and state dicts: the recipe's output dtype)."""
+        return planned
 
 
 class FileSink(Sink):
@@ -229,6 +235,11 @@ class TensorSink(Sink):
             elif tuple(t.shape) != tuple(shape):
                 raise InputError(f"The loaded model's '{key}' has shape {list(t.shape)}, the merge's {list(shape)}: "
                                  f"load a model of the merge's architecture first.")
+
+    def dtype_for(self, key, planned):
+        # a live model keeps its own precision: no rounding through the recipe's file dtype on the way
+        t = self.targets.get(key)
+        return t.dtype if t is not None and t.dtype.is_floating_point and planned.is_floating_point else planned
 
     def write(self, key, tensor, row0=0):
         t = self.targets.get(key)
@@ -507,7 +518,7 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
         if task.action == "copy":
             for rows in _chunks(task.shape, chunk_elems):
                 t = read(a, task.key, rows, ws)
-                emit(task, ws.cast(t, task.out_dtype), rows[0] if rows else 0)
+                emit(task, ws.cast(t, sink.dtype_for(task.key, task.out_dtype)), rows[0] if rows else 0)
         else:
             stream = KeyStream(task.key, task.shape, models, base, ws, device, compute_dtype,
                                chunk_elems if spec.chunkable else None, seed, task.region)
@@ -521,7 +532,7 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
                     out = full
                 if mask is not None:
                     out = _apply_mask(mask, task, out, chunk.rows, a, read, ws, device, compute_dtype)
-                emit(task, ws.cast(out, task.out_dtype), chunk.rows[0] if chunk.rows else 0)
+                emit(task, ws.cast(out, sink.dtype_for(task.key, task.out_dtype)), chunk.rows[0] if chunk.rows else 0)
         with lock:
             done[0] += task.nbytes
             if progress is not None:

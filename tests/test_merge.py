@@ -221,3 +221,29 @@ def test_same_bytes_on_cpu_and_gpu(tiny, tmp_path, method, names, params):
         merge(Recipe(method, refs(tiny, *names), params=params), FileSink(out), device=device)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+def test_tensor_sink_writes_into_live_tensors_at_their_precision(tiny):
+    from lib_merge.engine import TensorSink
+    A, B = tiny.state["sd1_a"], tiny.state["sd1_b"]
+    live = {k: torch.zeros_like(v) for k, v in A.items()}
+    vae = "first_stage_model.decoder.conv_in.weight"
+    sink = TensorSink(live, keys=lambda k: not k.startswith("first_stage_model."))
+    merge(Recipe("weighted_sum", refs(tiny, "sd1_a", "sd1_b"), params={"alpha": 0.3}, dtype="float16"), sink,
+          chunk_elems=1000)
+    k = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    # the recipe saves float16, but a float32 live model gets the float32 result (no rounding on the way)
+    assert torch.equal(live[k], torch.lerp(A[k], B[k], 0.3))
+    assert torch.count_nonzero(live[vae]) == 0, "keys the sink does not want stay untouched"
+    assert vae in sink.skipped
+
+
+def test_tensor_sink_abort_hook_runs_when_a_merge_fails(tiny):
+    from lib_merge.engine import TensorSink
+    from lib_merge.errors import CancelledError
+    calls = []
+    live = {k: torch.zeros_like(v) for k, v in tiny.state["sd1_a"].items()}
+    with pytest.raises(CancelledError):
+        merge(Recipe("weighted_sum", refs(tiny, "sd1_a", "sd1_b")), TensorSink(live, on_abort=lambda: calls.append(1)),
+              cancel=lambda: True)
+    assert calls == [1]
