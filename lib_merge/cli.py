@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ class TerminalProgress:
         sys.stderr.flush()
 
 
-def build_recipe(args) -> "Recipe":
+def build_recipe(args):
     from .arch import TEXT_ENCODER, UNET, VAE
     from .models import open_model
     from .arch import detect

@@ -13,7 +13,6 @@ Formulas, edge cases and the file format: docs/MASKS_AND_WEIGHTS.md.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 
 from .errors import InputError, OutputError
 from .models import open_model, save_state_dict
+from .randomness import generator_for
 from .weights import match_keys, mergeable_shapes
 
 MASK_FORMAT = "merge-lab-mask"
@@ -33,16 +33,6 @@ SET_OPS = ("union", "intersection", "difference", "xor")
 QUANTILE_LIMIT = 2 ** 24  # older torch refuses quantile above this; chunking keeps results version-independent
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def rng_for(seed: int, key: str, salt: str = "") -> torch.Generator:
-    """A CPU generator seeded from (seed, key). `salt` separates the streams of different tools, so a
-    noise draw and a random mask made with the same seed are not the same numbers."""
-    text = f"{seed}:{key}" if not salt else f"{seed}:{salt}:{key}"
-    digest = hashlib.sha256(text.encode()).digest()
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return g
 
 
 def _numel(shape) -> int:
@@ -187,7 +177,7 @@ def _draw(mode: str, key: str, shape, seed: int, probability: float, mean: float
         return torch.ones(shape, dtype=torch.bool)
     if mode == "false":
         return torch.zeros(shape, dtype=torch.bool)
-    g = rng_for(seed, key)
+    g = generator_for(seed, key)
     if mode == "random":
         return torch.rand(shape, generator=g) < probability
     x = torch.randn(shape, generator=g)
@@ -213,7 +203,7 @@ def quad(shapes, seed: int = 0, family: str | None = None) -> list[Mask]:
     """Four disjoint masks covering every element: each element goes to mask i for a uniform draw i in 0..3."""
     masks = [Mask(family) for _ in range(4)]
     for key, shape in mergeable_shapes(shapes).items():
-        draw = torch.randint(0, 4, shape, generator=rng_for(seed, key, "quad"), dtype=torch.uint8)
+        draw = torch.randint(0, 4, shape, generator=generator_for(seed, key, "quad"), dtype=torch.uint8)
         for i, m in enumerate(masks):
             m.put(key, draw == i)
     return masks

@@ -11,7 +11,7 @@ The spec (`Param`) is the one place a parameter is described: the UI's widgets, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

@@ -541,6 +541,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_file_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a small file through a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"The output folder '{path.parent}' does not exist.")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputError(f"Cannot write '{path}': {e.strerror}.") from None
+    return path
+
+
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write a whole in-memory state dict atomically (used for small files: demo models, test fixtures)."""
     entries = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .arch import COMPONENTS, TEXT_ENCODER, UNET, VAE
+from .arch import COMPONENTS, TEXT_ENCODER, UNET
 from .errors import InputError
 
 RECIPE_FORMAT = "merge-lab-recipe"

@@ -16,7 +16,8 @@ import torch
 from .arch import block_names, block_of, component_of, detect
 from .errors import InputError, MergeError, OutputError
 from .masks import Mask
-from .weights import WeightSet, write_file_atomic
+from .models import write_file_atomic
+from .weights import WeightSet
 
 LAYER_SCALINGS = ("none", "abs", "log")
 

@@ -19,7 +19,8 @@ import torch
 
 from .arch import TEXT_ENCODER, UNET, component_of
 from .errors import InputError
-from .masks import Mask, rng_for
+from .masks import Mask
+from .randomness import generator_for
 from .models import ModelFile, SafetensorsWriter, check_output_path, open_model
 from .weights import match_keys, mergeable_shapes
 
@@ -153,7 +154,7 @@ def noise_for(key: str, shape, kind: str, mean: float, std: float, seed: int) ->
     uniform: U[0,1) − 0.5 (mean and std unused).
     gaussian: N(mean, std) − mean, i.e. std·N(0,1): `mean` cancels out (kept for DareMerge parity).
     """
-    g = rng_for(seed, key, "noise")
+    g = generator_for(seed, key, "noise")
     if kind == "uniform":
         return torch.rand(shape, generator=g).sub_(0.5)
     return torch.randn(shape, generator=g).mul_(std)

@@ -27,6 +27,7 @@ import torch
 
 from .arch import TEXT_ENCODER, UNET, UNET_PREFIX, block_names, block_of, component_of
 from .errors import InputError, OutputError
+from .models import write_file_atomic
 
 
 def _unet_positions(family: str) -> list[float]:
@@ -230,27 +231,6 @@ def mergeable_shapes(source) -> dict[str, tuple[int, ...]]:
                  for k, v in source.items()]
     return {k: s for k, s, is_float in items
             if is_float and component_of(k) in (UNET, TEXT_ENCODER) and not k.endswith("position_ids")}
-
-
-def write_file_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write a small file through a temporary file in the same folder, fsync, then rename."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise OutputError(f"The output folder '{path.parent}' does not exist.")
-    tmp = path.parent / f".{path.name}.{os.getpid()}.partial"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise OutputError(f"Cannot write '{path}': {e.strerror}.") from None
-    return path
 
 
 # =============================================================================== layer weights

@@ -1,11 +1,11 @@
 """Many-model methods against small hand-written reference loops (per element, per tensor)."""
 import itertools
-import math
 
 import pytest
 import torch
 
-from lib_merge.engine import ChunkRandom, DictSink, merge
+from lib_merge.engine import DictSink, merge
+from lib_merge.randomness import ChunkRandom
 from lib_merge.errors import InputError
 from lib_merge.models import save_state_dict
 from lib_merge.recipe import ModelRef, Recipe

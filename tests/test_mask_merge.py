@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lib_merge.engine import DictSink, FileSink, merge
+from lib_merge.engine import DictSink, merge
 from lib_merge.masks import simple
 from lib_merge.recipe import ModelRef, Recipe
 from lib_merge.weights import WeightSet

@@ -174,7 +174,7 @@ def test_saved_file_metadata_and_recipe_redo_bit_for_bit(tiny, tmp_path):
     assert out.read_bytes() == out2.read_bytes()
     # and the plain safetensors library reads the values
     sd = load_file(str(out2))
-    A, B = tiny.state["sd1_a"], tiny.state["sd1_b"]
+    B = tiny.state["sd1_b"]
     k = "model.diffusion_model.output_blocks.11.0.in_layers.0.weight"   # OUT11: GRAD_V = 1 -> B
     assert torch.equal(sd[k], B[k].half())
 
