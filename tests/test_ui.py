@@ -172,6 +172,7 @@ def test_method_switch_shows_that_methods_widgets(tab):
 
     u = tab.on_method({**v, "method": F.method_choice(METHODS["sum_twice"])})
     assert u["bw_bank:1"]["visible"] is True and "β" in u["bw_head:1"]["value"]
+    assert [line.get_label() for line in u["plot"].axes[0].get_lines()[:2]] == ["α (alpha)", "β (beta)"]
     assert u["models_more"]["visible"] is False and u["base"]["visible"] is False
 
     u = tab.on_method({**v, "method": F.method_choice(METHODS["dare_merge"])})

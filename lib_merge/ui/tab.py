@@ -16,6 +16,7 @@ gradio 4 port changes little.
 from __future__ import annotations
 
 import html
+import inspect
 import logging
 import threading
 import time
@@ -185,9 +186,9 @@ class MergeTab:
         in_comps = {self.c[n] for n in (self.fields if inputs is None else inputs)}
         outs = [self.c[n] for n in outputs]
         allowed = set(outputs)
+        names = {id(c): n for n, c in self.c.items()}   # every component exists by wiring time
 
         def named(data) -> dict:
-            names = {id(c): n for n, c in self.c.items()}
             return {names[id(c)]: v for c, v in (data or {}).items()}
 
         def by_component(updates: dict) -> dict:
@@ -197,7 +198,6 @@ class MergeTab:
             mapped = {self.c[n]: u for n, u in updates.items() if n in allowed}
             return mapped or {outs[0]: gr.update()}   # gradio reads an empty dict as one value: say "no change"
 
-        import inspect
         if inspect.isgeneratorfunction(fn):
             def handler(data=None):
                 for updates in fn(named(data)):
@@ -527,6 +527,7 @@ class MergeTab:
                 u[name] = gr.update(**upd)
             if clamped:
                 u[F.bank_text_field(bank)] = gr.update(value=format_blocks(F.bank_values(v, bank, family), family))
+        u["plot"] = self._figure(v, spec, family)
         return _combine(u, self.on_models(v))
 
     def on_models(self, v: dict) -> dict:
