@@ -226,7 +226,7 @@ def test_sliders_write_the_text_and_the_text_sets_the_sliders(tab):
     for bad in ("IN*=oops", "1,2,3", "NOPE=1", "IN*=9"):   # 9 is outside α's range
         v[F.bank_text_field(0)] = bad
         u = tab.on_text(v, 0)
-        assert u[f"bw_msg:0"]["value"].startswith("⚠") and not any(k.startswith("bw:") for k in u)
+        assert u["bw_msg:0"]["value"].startswith("⚠") and not any(k.startswith("bw:") for k in u)
 
 
 def test_presets_fill_the_bank_for_the_architecture(tab):
@@ -287,6 +287,16 @@ def test_save_writes_a_file_whose_metadata_holds_the_recipe(tab, host):
     assert "merge-lab-error" in u["status"] and "already exists" in u["status"]
     u = run(tab.on_save({**v, "overwrite": True}))
     assert "merge-lab-ok" in u["status"]
+
+
+def test_a_merge_saved_into_the_models_folder_can_be_chosen_at_once(tiny, tmp_path):
+    host = StandaloneHost(tmp_path / "models", tmp_path / "models" / "merged")
+    host.models_dir.mkdir()
+    for name in ("sd1_a", "sd1_b"):
+        os.symlink(tiny.path[name], host.models_dir / f"{name}.safetensors")
+    tab = make_tab(host)
+    u = run(tab.on_save(form(tab, model_a=A, model_b=B, save_name="mix")))
+    assert "merged/mix.safetensors" in u["model_a"]["choices"] and "merged/mix.safetensors" in u["base"]["choices"]
 
 
 def test_save_without_a_name_makes_one(tab, host):
@@ -433,16 +443,19 @@ def test_recipe_with_unknown_models_loads_with_a_warning(tab):
 def test_mask_and_weight_builders_feed_the_merge(tab, host):
     v = form(tab, model_a=A, model_b=B, mask_name="half", mask_probability=0.5)
     u = run(tab.on_make_mask(v))
-    assert "merge-lab-ok" in u["status"], u["status"] and u["mask"]["value"] == "half.safetensors"
+    assert "merge-lab-ok" in u["status"], u["status"]
+    assert u["mask"]["value"] == "half.safetensors"
     assert "half.safetensors" in u["mask"]["choices"]
     assert "already exists" in run(tab.on_make_mask(v))["status"]
     apply(v, u)
 
     v.update(weights_source="groups", weights_groups="input=0.2, output=0.8, base=0", weights_name="io")
     u = run(tab.on_make_weights(v))
-    assert "merge-lab-ok" in u["status"], u["status"] and u["weights"]["value"] == "io.json"
+    assert "merge-lab-ok" in u["status"], u["status"]
+    assert u["weights"]["value"] == "io.json"
     apply(v, u)
-    assert "not NAME=number" in run(tab.on_make_weights({**v, "weights_groups": "input", "weights_name": "x"}))["status"]
+    bad = run(tab.on_make_weights({**v, "weights_groups": "input", "weights_name": "x"}))
+    assert "not NAME=number" in bad["status"]
 
     u = run(tab.on_merge(v))
     assert "merge-lab-ok" in u["status"], u["status"]

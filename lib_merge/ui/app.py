@@ -22,9 +22,11 @@ def make_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 exposes the "
                         "app, and the files it can read, to your network)")
-    p.add_argument("--models-dir", default="models", help="folder of checkpoints (default ./models; LoRAs in models/Lora)")
+    p.add_argument("--models-dir", default="models",
+                   help="folder of checkpoints (default ./models; LoRAs in models/Lora)")
     p.add_argument("--output-dir", default="outputs", help="folder for saved merges (default ./outputs)")
-    p.add_argument("--concurrency", type=int, default=2, help="jobs that may run at once (merges still run one at a time)")
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="jobs that may run at once (merges still run one at a time)")
     return p
 
 

@@ -422,7 +422,8 @@ class MergeTab:
         self._on(c["method"].change, self.on_method, None, layout, **quick)
         for slot in slots:
             self._on(c[slot].change, self.on_models, None, layout, **quick)
-        self._on(c["refresh"].click, self.on_refresh, None, slots + ["mask", "weights", "demo_row", "demo_text"], **quick)
+        self._on(c["refresh"].click, self.on_refresh, None,
+                 slots + ["mask", "weights", "demo_row", "demo_text"], **quick)
         self._on(c["demo_button"].click, self.on_demo, None,
                  slots + ["demo_row", "demo_text", "status"], **quick)
         for bank in range(F.BANKS):
@@ -439,7 +440,7 @@ class MergeTab:
         job = dict(show_progress="minimal")   # the status line shows the job's own progress
         merged = ["status", "recipe", "current"]
         self._on(c["merge"].click, self.on_merge, None, merged, **job)
-        self._on(c["save"].click, self.on_save, None, merged + ["save_name"], **job)
+        self._on(c["save"].click, self.on_save, None, merged + ["save_name", *F.SLOTS, "models_more", "base"], **job)
         self._on(c["generate"].click, self.on_generate, None, ["status", "gallery"], **job)
         self._on(c["merge_generate"].click, self.on_merge_generate, None, merged + ["gallery"], **job)
         self._on(c["restore"].click, self.on_restore, [], ["status", "current"])
@@ -570,13 +571,16 @@ class MergeTab:
         u["plot"] = self._figure(v, F.method_spec(v.get("method")), family)
         return u
 
-    def on_refresh(self, v: dict) -> dict:
+    def _model_choices(self) -> dict:
         ckpts = self.host.list_checkpoints(refresh=True)
-        masks, weights = F.aux_files(self.host)
-        offer = self._demo_offer()
         return {"model_a": gr.update(choices=ckpts), "model_b": gr.update(choices=ckpts),
                 "model_c": gr.update(choices=[F.NONE] + ckpts), "models_more": gr.update(choices=ckpts),
-                "base": gr.update(choices=[F.NONE] + ckpts), "mask": gr.update(choices=[""] + masks),
+                "base": gr.update(choices=[F.NONE] + ckpts)}
+
+    def on_refresh(self, v: dict) -> dict:
+        masks, weights = F.aux_files(self.host)
+        offer = self._demo_offer()
+        return {**self._model_choices(), "mask": gr.update(choices=[""] + masks),
                 "weights": gr.update(choices=[""] + weights), "demo_row": gr.update(visible=bool(offer)),
                 "demo_text": gr.update(value=offer)}
 
@@ -683,8 +687,11 @@ class MergeTab:
         name = (v.get("save_name") or "").strip() or F.default_save_name(v)
         overwrite = bool(v.get("overwrite"))
         yield {"save_name": gr.update(value=name)}
-        yield from self._run(v, f"Saving {name}", lambda host, recipe: session.save(host, recipe, name,
-                                                                                    overwrite=overwrite))
+        for u in self._run(v, f"Saving {name}", lambda host, recipe: session.save(host, recipe, name,
+                                                                                  overwrite=overwrite)):
+            if "merge-lab-ok" in u.get("status", ""):
+                u.update(self._model_choices())   # the new file may be in the models folder (the WebUI's)
+            yield u
 
     def on_generate(self, v: dict) -> Iterator[dict]:
         def request() -> GenerationRequest:
@@ -751,7 +758,8 @@ class MergeTab:
             except MergeError:
                 missing.append(ref.name)
         message = f"Loaded a {recipe.method} recipe of {len(recipe.models)} models. Press Merge to redo it."
-        warnings = [f"Not in the models folder: {', '.join(missing)}. Add the files and press Refresh."] if missing else []
+        warnings = ([f"Not in the models folder: {', '.join(missing)}. Add the files and press Refresh."]
+                    if missing else [])
         if weights_file:
             warnings.append(f"Its per-key weights were written to {weights_file}.")
         return _combine(layout, u, {"status": status_html("error" if missing else "ok", message, warnings)})
