@@ -229,6 +229,17 @@ def test_sliders_write_the_text_and_the_text_sets_the_sliders(tab):
         assert u["bw_msg:0"]["value"].startswith("⚠") and not any(k.startswith("bw:") for k in u)
 
 
+def test_a_merge_reads_the_block_text_even_before_it_reached_the_sliders(tab):
+    v = form(tab, model_a=A, model_b=B, mbw=True, **{"bw_text__0": "IN*=0.25, OUT*=0.75, BASE=0"})
+    recipe = Recipe.from_json(run(tab.on_merge(v))["recipe"]["value"])
+    names = block_names("sd1")
+    assert recipe.blocks["alpha"][names.index("IN04")] == 0.25 and recipe.blocks["alpha"][names.index("M00")] == 0.5
+    u = run(tab.on_merge({**v, "bw_text:0": "IN*=oops"}))
+    assert "Block weights of α (alpha)" in status(u) and "merge-lab-error" in u["status"]
+    # without block weights the text is not read at all
+    assert "merge-lab-ok" in run(tab.on_merge({**v, "mbw": False, "bw_text:0": "IN*=oops"}))["status"]
+
+
 def test_presets_fill_the_bank_for_the_architecture(tab):
     v = form(tab, model_a=A, model_b=B, **{"bw_preset__0": "GRAD_V"})
     u = tab.on_preset(v, 0)

@@ -18,7 +18,7 @@ from ..arch import COMPONENTS, TEXT_ENCODER, UNET, VAE, Architecture, block_name
 from ..errors import InputError, MergeError
 from ..methods import METHODS, MAX_MODELS, MethodSpec, Param, get_method
 from ..recipe import METADATA_KEY, ModelRef, Recipe
-from ..weights import format_blocks
+from ..weights import format_blocks, parse_blocks
 
 # ------------------------------------------------------------------------------------------ field names
 SLOTS = ("model_a", "model_b", "model_c")   # the fixed slots; many-model methods add "models_more"
@@ -196,10 +196,31 @@ def bank_values(v: dict, bank: int, family: str) -> list[float]:
     return [float(v[block_field(bank, b)]) for b in families_blocks(family)]
 
 
+def bank_text_values(spec: MethodSpec, v: dict, bank: int, family: str) -> list[float] | None:
+    """The values the bank's text says (None when it is empty); unlisted blocks take the scalar value.
+
+    A merge reads the text when it differs from the sliders: a text typed just before Merge was pressed
+    may not have reached the sliders yet."""
+    p = blockwise(spec)[bank]
+    scalar = v.get(param_field(spec.name, p.name), p.default)
+    try:
+        return parse_blocks(v.get(bank_text_field(bank)) or "", family, float(scalar))
+    except (InputError, TypeError, ValueError) as e:
+        raise InputError(f"Block weights of {param_label(p)}: {e}") from None
+
+
 def read_blocks(spec: MethodSpec, v: dict, family: str) -> dict[str, list[float]]:
     if not v.get("mbw"):
         return {}
-    return {p.name: bank_values(v, bank, family) for bank, p in enumerate(blockwise(spec))}
+    blocks = {}
+    for bank, p in enumerate(blockwise(spec)):
+        sliders = bank_values(v, bank, family)
+        if (v.get(bank_text_field(bank)) or "").strip() == format_blocks(sliders, family):
+            blocks[p.name] = sliders            # in step: the sliders keep full precision (presets)
+        else:
+            values = bank_text_values(spec, v, bank, family)
+            blocks[p.name] = values if values is not None else sliders
+    return blocks
 
 
 def resolve_aux_file(host, text: str, what: str) -> Path:

@@ -29,7 +29,7 @@ from .. import session
 from ..errors import InputError, MergeError
 from ..host import GenerationRequest, Host
 from ..methods import METHODS, Choice, MethodSpec, Param
-from ..weights import PRESETS, format_blocks, parse_blocks, preset
+from ..weights import PRESETS, format_blocks, preset
 from . import form as F
 
 log = logging.getLogger("merge_lab.ui")
@@ -291,7 +291,8 @@ class MergeTab:
                             choices=PRESET_CHOICES, value=None, label="Preset", scale=1,
                             elem_id=f"{ELEM}bw{bank}_preset"), ui_config=False)
                         self._field(F.bank_text_field(bank), gr.Textbox(
-                            value=self._bank_text(p, "sd1"), label="As text (Enter to apply)", scale=3,
+                            value=self._bank_text(p, "sd1"), scale=3,
+                            label="As text (Enter applies it to the sliders)",
                             placeholder="26 numbers (SDXL: 20), NAME=value pairs with * (IN*=0.3, M00=1), "
                                         "or a preset name then pairs (GRAD_V, BASE=0)",
                             elem_id=f"{ELEM}bw{bank}_text"), ui_config=False)
@@ -433,7 +434,8 @@ class MergeTab:
                 slider = c[F.block_field(bank, b)]
                 self._on(slider.input, self._slider_handler(bank), None, bank_out, **quick)
                 self._on(slider.release, self.on_plot, None, ["plot"], **quick)
-            self._on(c[F.bank_text_field(bank)].submit, self._text_handler(bank), None, bank_out, **quick)
+            for event in (c[F.bank_text_field(bank)].submit, c[F.bank_text_field(bank)].blur):
+                self._on(event, self._text_handler(bank), None, bank_out, **quick)
             self._on(c[f"bw_preset:{bank}"].change, self._preset_handler(bank), None, bank_out, **quick)
         self._on(c["mbw"].change, self.on_plot, None, ["plot"], **quick)
 
@@ -626,8 +628,7 @@ class MergeTab:
             return {}
         family = self._family(v)
         try:
-            scalar = float(v.get(F.param_field(F.method_spec(v.get("method")).name, p.name), p.default))
-            values = parse_blocks(v.get(F.bank_text_field(bank)) or "", family, scalar)
+            values = F.bank_text_values(F.method_spec(v.get("method")), v, bank, family)
             if values is None:
                 raise InputError("The text is empty: type block weights, or pick a preset.")
             for b, x in zip(F.families_blocks(family), values):
