@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import threading
 import time
@@ -220,8 +221,9 @@ class TensorSink(Sink):
     """
 
     def __init__(self, targets: dict[str, torch.Tensor], on_abort: Callable[[], None] | None = None,
-                 keys: Callable[[str], bool] | None = None):
+                 keys: Callable[[str], bool] | None = None, owner: Any = None):
         self.targets = targets
+        self.owner = owner if owner is not None else id(targets)  # what a LiveCache is tied to
         self.on_abort = on_abort
         self.wanted = keys or (lambda key: True)
         self.skipped: list[str] = []
@@ -390,10 +392,13 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
             threads: int | None = None, chunk_elems: int | None = None,
             progress: Callable[[Progress], None] | None = None,
             cancel: Callable[[], bool] | None = None, nonfinite: str = "warn", mask=None,
-            metadata_draft: dict | None = None) -> list[str]:
+            metadata_draft: dict | None = None, capture: dict | None = None,
+            live_terms: dict | None = None) -> list[str]:
     """Run every task into the sink. Returns the keys that came out non-finite (policy 'warn').
 
     `mask` (a masks.Mask) restricts what may change: where it is False the output keeps A's values.
+    `capture` (a dict) receives each merged key's terms (methods with a finish step) for live re-merges;
+    `live_terms` are such terms from an earlier merge: those keys are only finished again.
     """
     device = torch.device(device)
     if threads is None:
@@ -446,14 +451,23 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
             for rows in _chunks(task.shape, chunk_elems):
                 t = read(a, task.key, rows, ws)
                 emit(task, ws.cast(t, sink.dtype_for(task.key, task.out_dtype)), rows[0] if rows else 0)
+        elif live_terms is not None and task.key in live_terms:
+            # a live re-merge: the terms are kept; only the per-block parameters changed
+            out = spec.finish(live_terms[task.key], inplace=False, **task.params)
+            emit(task, ws.cast(out, sink.dtype_for(task.key, task.out_dtype)), 0)
         else:
             stream = KeyStream(task.key, task.shape, models, base, ws, device, compute_dtype,
                                chunk_elems if spec.chunkable else None, seed, task.region)
             stats = spec.prepare(stream, **task.params) if spec.prepare is not None else None
+            keep = capture is not None and task.region is None and spec.finish is not None
             if task.region is not None:
                 full = a.read(task.key).to(device, compute_dtype)
             for chunk in stream.chunks():
-                out = spec.fn(chunk.models, base=chunk.base, stats=stats, rng=chunk.rng, **task.params)
+                terms = [] if keep else None
+                out = spec.apply(chunk.models, base=chunk.base, stats=stats, rng=chunk.rng, params=task.params,
+                                 terms_out=terms)
+                if keep:
+                    _store_terms(capture, task, chunk.rows, terms[0], lock)
                 if task.region is not None:
                     full[tuple(slice(0, d) for d in task.region)] = out
                     out = full
@@ -521,6 +535,19 @@ def _steady_heap():
         trim(0)
 
 
+def _store_terms(capture: dict, task: Task, rows, terms: tuple, lock) -> None:
+    """Copy one chunk's terms into whole-key tensors kept for live re-merges."""
+    with lock:
+        kept = capture.get(task.key)
+        if kept is None:
+            kept = capture[task.key] = tuple(torch.empty(task.shape, dtype=t.dtype, device=t.device) for t in terms)
+    for dst, t in zip(kept, terms):
+        if rows is None:
+            dst.copy_(t.reshape(dst.shape))
+        else:
+            dst[rows[0]:rows[1]].copy_(t)
+
+
 def _apply_mask(mask, task: Task, out: torch.Tensor, rows, a: ModelFile, read, ws, device, dtype) -> torch.Tensor:
     """Where the mask is False, put A's values back (the method overwrote its copy of A: read it again)."""
     m = mask.get(task.key, task.shape, rows)
@@ -528,6 +555,13 @@ def _apply_mask(mask, task: Task, out: torch.Tensor, rows, a: ModelFile, read, w
         return out
     original = read(a, task.key, rows, ws).to(device, dtype)
     return torch.where(m.to(device), out, original)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -553,6 +587,52 @@ def _chunks(shape: tuple[int, ...], chunk_elems: int | None):
         yield (r0, min(rows, r0 + step))
 
 
+# ------------------------------------------------------------------------------------ live re-merges
+
+class LiveCache:
+    """What a live model needs to be re-merged fast after a change of per-block parameters.
+
+    After a full merge into a TensorSink it holds, per merged key, the method's terms (the parts that do
+    not depend on α, β, λ or ratio) on the compute device, and the parameter values last written. When the
+    next recipe differs only in those values (sliders, block weights, per-key weights), only the keys
+    whose values changed are finished again and written into the live tensors. Anything else (another
+    model, method, seed, mask, dtype...) is a full merge. Terms need memory: when they would not fit in
+    `budget_bytes`, nothing is kept and every merge is a full one (`note` says so).
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.clear()
+
+    def clear(self) -> None:
+        self.signature: str | None = None
+        self.owner = None                  # the live model the terms were written into
+        self.terms: dict[str, tuple] = {}
+        self.params: dict[str, dict] = {}
+        self.note = ""
+
+    @staticmethod
+    def signature_of(recipe: Recipe, device, compute_dtype) -> str:
+        """Everything about a recipe except the values a re-merge may change."""
+        spec = get_method(recipe.method)
+        d = recipe.to_dict()
+        d["params"] = {k: v for k, v in d["params"].items() if k not in spec.blockwise_params}
+        for k in ("blocks", "layer_weights", "arch"):
+            d.pop(k, None)
+        for m in d["models"] + ([d["base"]] if d.get("base") else []):
+            m.pop("sha256", None), m.pop("short_hash", None)
+        d["_device"], d["_compute"] = str(device), str(compute_dtype)
+        return json.dumps(d, sort_keys=True)
+
+    def reusable(self, signature: str, owner) -> bool:
+        return bool(self.terms) and signature == self.signature and owner == self.owner
+
+    def bytes_needed(self, plan: Plan, compute_dtype: torch.dtype) -> int:
+        n = plan.method.n_terms
+        return sum(_numel(t.shape) * n * compute_dtype.itemsize
+                   for t in plan.tasks if t.action == "merge" and t.region is None)
+
+
 # ------------------------------------------------------------------------------------ the whole merge
 
 @dataclass
@@ -564,6 +644,7 @@ class MergeResult:
     seconds: float
     output: Any = None               # Path for a FileSink, the state dict for a DictSink
     metadata: dict[str, str] = field(default_factory=dict)
+    rewritten: int = 0               # keys written (all of them, or those a live re-merge changed)
 
 
 def _draft_metadata(recipe: Recipe, refs: list[ModelRef], inputs: list[ModelFile]) -> dict[str, str]:
@@ -610,11 +691,13 @@ def resolve_model_path(ref: ModelRef, search_dirs: list[str | os.PathLike] = ())
 def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = (), device: str = "cpu",
           threads: int | None = None, chunk_elems: int | None = None,
           progress: Callable[[Progress], None] | None = None, cancel: Callable[[], bool] | None = None,
-          verify_hashes: bool = False, hashes: bool = True) -> MergeResult:
+          verify_hashes: bool = False, hashes: bool = True, live: LiveCache | None = None) -> MergeResult:
     """Open the inputs, plan, merge into `sink`, and finish it with the recipe in the metadata.
 
     Input hashes are computed (or taken from the cache) in a background thread while the merge runs.
     With verify_hashes, inputs whose sha256 differs from the recipe's are refused before any work.
+    With `live` (and a TensorSink), a recipe that differs from the last one only in per-block values
+    re-merges just the keys whose values changed (MergeResult.rewritten counts them).
     """
     started = time.monotonic()
     recipe.validate()
@@ -653,9 +736,33 @@ def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = 
             hasher.start()
         # the header's room is sized from a draft of the metadata, with placeholder hashes of the final length
         draft = _draft_metadata(recipe, refs, inputs)
-        bad = execute(plan, inputs, sink, seed=recipe.seed, compute_dtype=dtype_from_name(recipe.compute_dtype),
+        compute_dtype = dtype_from_name(recipe.compute_dtype)
+        capture, live_terms, run_plan = None, None, plan
+        if live is not None and isinstance(sink, TensorSink):
+            signature = LiveCache.signature_of(recipe, device, compute_dtype)
+            if live.reusable(signature, sink.owner):
+                live_terms = live.terms
+                changed = [t for t in plan.tasks if t.action == "merge" and live.params.get(t.key) != t.params]
+                run_plan = Plan(plan.arch, plan.method, changed, plan.warnings, plan.n_models)
+            else:
+                live.clear()
+                need = live.bytes_needed(plan, compute_dtype)
+                if plan.method.finish is None or mask is not None:
+                    live.note = "this method (or a mask) needs a full merge on every change"
+                elif need > live.budget_bytes:
+                    live.note = (f"re-merges are full merges: keeping this merge's terms needs {need / 2**30:.1f} GiB, "
+                                 f"more than the {live.budget_bytes / 2**30:.1f} GiB budget (Settings)")
+                else:
+                    capture = {}
+        bad = execute(run_plan, inputs, sink, seed=recipe.seed, compute_dtype=compute_dtype,
                       device=device, threads=threads, chunk_elems=chunk_elems, progress=progress, cancel=cancel,
-                      nonfinite=recipe.nonfinite, mask=mask, metadata_draft=draft)
+                      nonfinite=recipe.nonfinite, mask=mask, metadata_draft=draft, capture=capture,
+                      live_terms=live_terms)
+        if live is not None and isinstance(sink, TensorSink):
+            if capture is not None:
+                live.terms, live.signature, live.owner = capture, signature, sink.owner
+            if live.terms:
+                live.params.update({t.key: t.params for t in run_plan.tasks if t.action == "merge"})
         if hasher is not None:
             hasher.join()
         warnings = list(plan.warnings)
@@ -674,7 +781,8 @@ def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = 
         except BaseException:
             sink.abort()
             raise
-        return MergeResult(recipe, plan.arch, warnings, bad, time.monotonic() - started, output, metadata)
+        return MergeResult(recipe, plan.arch, warnings, bad, time.monotonic() - started, output, metadata,
+                           rewritten=len(run_plan.tasks))
     except MergeError:
         raise
     except MemoryError:

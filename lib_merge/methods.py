@@ -93,6 +93,19 @@ class MethodSpec:
     base: str = "none"               # "none" | "optional" | "required": a base model θ0 (deltas δi = θi − θ0)
     prepare: Callable | None = None  # whole-tensor statistics, computed in streaming passes before the merge
     chunkable: bool = True           # the final pass may run in row chunks (needs prepare for global stats)
+    finish: Callable | None = None   # with it, fn returns "terms" that do not depend on the per-block
+    n_terms: int = 0                 # parameters, and finish(terms, inplace, **params) makes the output
+
+    def apply(self, models, *, base, stats, rng, params: dict, terms_out: list | None = None):
+        """The method's output for one chunk. With `terms_out`, the terms are appended there too (the
+        engine keeps them for live re-merges) and finish works on copies, never on them."""
+        if self.finish is None:
+            return self.fn(models, base=base, stats=stats, rng=rng, **params)
+        terms = self.fn(models, base=base, stats=stats, rng=rng, **params)
+        if terms_out is not None:
+            terms_out.append(terms)
+            return self.finish(terms, inplace=False, **params)
+        return self.finish(terms, inplace=True, **params)
 
     @property
     def n_models(self) -> int | None:
@@ -139,14 +152,29 @@ MAX_MODELS = 100
 
 def merge_method(name: str, *, inputs: tuple[str, ...] = ("models",), params: list[Param], label: str = "",
                  formula: str = "", help: str = "", many: bool = False, base: str = "none",
-                 prepare: Callable | None = None, chunkable: bool = True):
+                 prepare: Callable | None = None, chunkable: bool = True, finish: Callable | None = None,
+                 n_terms: int = 0):
     def register(fn):
         if name in METHODS:
             raise RuntimeError(f"merge method '{name}' registered twice")
         METHODS[name] = MethodSpec(name, fn, tuple(inputs), tuple(params), label or name, formula,
-                                   help or (fn.__doc__ or "").strip(), many, base, prepare, chunkable)
+                                   help or (fn.__doc__ or "").strip(), many, base, prepare, chunkable,
+                                   finish, n_terms)
         return fn
     return register
+
+
+# Methods whose per-block parameters only enter at the end are split in two: `fn` returns terms that do
+# not depend on them, `finish` combines the terms with them. A live re-merge keeps the terms and re-runs
+# only `finish` for the keys whose values changed; both paths run the same arithmetic, so the bits agree.
+
+def _lerp(a, b, weight, inplace):
+    return a.lerp_(b, weight) if inplace else torch.lerp(a, b, weight)
+
+
+def _add_scaled(base, tau, scale, inplace):
+    """base + scale·tau as one fused operation (the same kernel in place or not)."""
+    return base.add_(tau, alpha=scale) if inplace else torch.add(base, tau, alpha=scale)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -160,38 +188,51 @@ BETA = Param("beta", float, 0.5, (-1.0, 2.0), "weight of C", blockwise=True)
 
 
 @merge_method("weighted_sum", inputs=("A", "B"), params=[ALPHA], label="Weighted sum",
-              formula="A·(1−α) + B·α")
-def weighted_sum(inputs, *, alpha, rng=None, base=None, stats=None):
+              formula="A·(1−α) + B·α", n_terms=2,
+              finish=lambda t, *, inplace, alpha: _lerp(t[0], t[1], alpha, inplace))
+def weighted_sum(inputs, *, rng=None, base=None, stats=None, **_):
     """Linear interpolation between A and B (exact A at α=0 and exact B at α=1)."""
     a, b = inputs
-    return a.lerp_(b, alpha)
+    return a, b
+
+
+def _add_difference_finish(t, *, inplace, alpha):
+    a, d = t
+    return (d.mul_(alpha) if inplace else d * alpha).add_(a)
 
 
 @merge_method("add_difference", inputs=("A", "B", "C"),
               params=[Param("alpha", float, 1.0, (-1.0, 3.0), "strength of the difference B − C", blockwise=True)],
-              label="Add difference", formula="A + α·(B − C)")
-def add_difference(inputs, *, alpha, rng=None, base=None, stats=None):
+              label="Add difference", formula="A + α·(B − C)", n_terms=2, finish=_add_difference_finish)
+def add_difference(inputs, *, rng=None, base=None, stats=None, **_):
     """Add what B learned over C (e.g. an inpainting or style difference) to A."""
     a, b, c = inputs
-    return b.sub_(c).mul_(alpha).add_(a)
+    return a, b.sub_(c)
 
 
 @merge_method("sum_twice", inputs=("A", "B", "C"), params=[ALPHA, BETA], label="Sum twice",
-              formula="(A·(1−α) + B·α)·(1−β) + C·β")
-def sum_twice(inputs, *, alpha, beta, rng=None, base=None, stats=None):
+              formula="(A·(1−α) + B·α)·(1−β) + C·β", n_terms=3,
+              finish=lambda t, *, inplace, alpha, beta: _lerp(t[0], t[1], alpha, inplace).lerp_(t[2], beta))
+def sum_twice(inputs, *, rng=None, base=None, stats=None, **_):
     """Weighted sum of A and B, then weighted sum of that with C."""
     a, b, c = inputs
-    return a.lerp_(b, alpha).lerp_(c, beta)
+    return a, b, c
+
+
+def _triple_sum_finish(t, *, inplace, alpha, beta):
+    a, b, c = t
+    out = a.mul_(1 - alpha - beta) if inplace else a * (1 - alpha - beta)
+    return out.add_(b.mul_(alpha) if inplace else b * alpha).add_(c.mul_(beta) if inplace else c * beta)
 
 
 @merge_method("triple_sum", inputs=("A", "B", "C"),
               params=[Param("alpha", float, 1 / 3, (-1.0, 2.0), "weight of B", blockwise=True),
                       Param("beta", float, 1 / 3, (-1.0, 2.0), "weight of C", blockwise=True)],
-              label="Triple sum", formula="A·(1−α−β) + B·α + C·β")
-def triple_sum(inputs, *, alpha, beta, rng=None, base=None, stats=None):
+              label="Triple sum", formula="A·(1−α−β) + B·α + C·β", n_terms=3, finish=_triple_sum_finish)
+def triple_sum(inputs, *, rng=None, base=None, stats=None, **_):
     """Three-way weighted sum; A gets what α and β leave."""
     a, b, c = inputs
-    return a.mul_(1 - alpha - beta).add_(b.mul_(alpha)).add_(c.mul_(beta))
+    return a, b, c
 
 
 # ------------------------------------------------------------------------------------ many-model methods
@@ -208,6 +249,12 @@ RESCALE = Param("rescale", bool, True, help="divide kept deltas by 1 − drop so
 EPS = Param("eps", float, 1e-6, (0.0, 1.0), "smallest distance used in Weiszfeld's weights (avoids division by 0)")
 MAXITER = Param("maxiter", int, 100, (1, 10000), "most Weiszfeld iterations")
 FTOL = Param("ftol", float, 1e-20, (0.0, 1.0), "stop when the objective changes by at most ftol (relative)")
+
+
+def _lambda_finish(t, *, inplace, **p):
+    """θ0 + scale·τ, scale = λ, divided by 1 − drop where DARE's rescale is on."""
+    scale = p["lambda"] / (1.0 - p["drop"]) if p.get("rescale") and "drop" in p else p["lambda"]
+    return _add_scaled(t[0], t[1], scale, inplace)
 
 
 def _drop(name: str, default: float) -> Param:
@@ -276,12 +323,12 @@ def weighted_soup(models, *, weights, base=None, stats=None, rng=None):
 
 
 @merge_method("task_arithmetic", many=True, base="required", params=[LAMBDA, WEIGHTS], label="Task arithmetic",
-              formula="θ0 + λ·Σ wi·δi")
-def task_arithmetic(models, *, base, weights, rng=None, stats=None, **p):
+              formula="θ0 + λ·Σ wi·δi",
+              finish=_lambda_finish, n_terms=2)
+def task_arithmetic(models, *, base, weights, rng=None, stats=None, **_):
     """Add every model's difference from the base, weighted, scaled by λ."""
     deltas = models.sub_(base)
-    tau = _weighted_sum(deltas, _model_weights(weights, models.shape[0], models))
-    return base.add_(tau, alpha=p["lambda"])
+    return base, _weighted_sum(deltas, _model_weights(weights, models.shape[0], models))
 
 
 def _ties_thresholds(stream, *, density, **_):
@@ -344,45 +391,46 @@ def _trim(deltas: torch.Tensor, thresholds) -> torch.Tensor:
 
 
 @merge_method("ties", many=True, base="required", params=[DENSITY, ELECTION, LAMBDA], label="TIES",
-              formula="θ0 + λ·disjoint_mean(trim_k(δi), elect)", prepare=_ties_thresholds)
-def ties(models, *, base, density, election, stats=None, rng=None, **p):
+              formula="θ0 + λ·disjoint_mean(trim_k(δi), elect)", prepare=_ties_thresholds,
+              finish=_lambda_finish, n_terms=2)
+def ties(models, *, base, density, election, stats=None, rng=None, **_):
     """TIES-merging: trim each δ to its largest `density` share, elect a sign per element, average the agreeing ones."""
-    tau = disjoint_merge(_trim(models.sub_(base), stats), election)
-    return base.add_(tau, alpha=p["lambda"])
+    return base, disjoint_merge(_trim(models.sub_(base), stats), election)
 
 
 @merge_method("ties_soup", many=True, base="required", params=[LAMBDA], label="TIES-SOUP",
-              formula="θ0 + λ·disjoint_mean(δi, sum)")
-def ties_soup(models, *, base, stats=None, rng=None, **p):
+              formula="θ0 + λ·disjoint_mean(δi, sum)",
+              finish=_lambda_finish, n_terms=2)
+def ties_soup(models, *, base, stats=None, rng=None, **_):
     """TIES without trimming (k = 1), sign elected by the sum of deltas."""
-    return base.add_(disjoint_merge(models.sub_(base), "sum"), alpha=p["lambda"])
+    return base, disjoint_merge(models.sub_(base), "sum")
 
 
 @merge_method("dare_linear", many=True, base="required", params=[_drop("dare_linear", 0.9), RESCALE, LAMBDA, WEIGHTS],
-              label="DARE (linear)", formula="θ0 + λ·Σ wi·(mi ⊙ δi)/(1 − p)")
-def dare_linear(models, *, base, drop, rescale, weights, rng, stats=None, **p):
+              label="DARE (linear)", formula="θ0 + λ·Σ wi·(mi ⊙ δi)/(1 − p)",
+              finish=_lambda_finish, n_terms=2)
+def dare_linear(models, *, base, drop, rescale, weights, rng, stats=None, **_):
     """DARE: drop random elements of each δ with probability p, rescale, add them up."""
     _check_drop(drop, rescale)
     deltas = _dare_drop(models.sub_(base), drop, rng)
-    scale = p["lambda"] / (1.0 - drop) if rescale else p["lambda"]
-    return base.add_(_weighted_sum(deltas, _model_weights(weights, models.shape[0], models)), alpha=scale)
+    return base, _weighted_sum(deltas, _model_weights(weights, models.shape[0], models))
 
 
 @merge_method("dare_ties", many=True, base="required", params=[_drop("dare_ties", 0.9), RESCALE, ELECTION, LAMBDA],
-              label="DARE-TIES", formula="θ0 + λ·disjoint_mean(mi ⊙ δi, elect)/(1 − p)")
-def dare_ties(models, *, base, drop, rescale, election, rng, stats=None, **p):
+              label="DARE-TIES", formula="θ0 + λ·disjoint_mean(mi ⊙ δi, elect)/(1 − p)",
+              finish=_lambda_finish, n_terms=2)
+def dare_ties(models, *, base, drop, rescale, election, rng, stats=None, **_):
     """DARE's random drop, then TIES' sign election and disjoint mean."""
     _check_drop(drop, rescale)
-    tau = disjoint_merge(_dare_drop(models.sub_(base), drop, rng), election)
-    scale = p["lambda"] / (1.0 - drop) if rescale else p["lambda"]
-    return base.add_(tau, alpha=scale)
+    return base, disjoint_merge(_dare_drop(models.sub_(base), drop, rng), election)
 
 
 @merge_method("tsd", many=True, base="required", params=[_drop("tsd", 0.1), RESCALE, LAMBDA],
-              label="TSD (TIES-SOUP + DARE)", formula="θ0 + λ·disjoint_mean(mi ⊙ δi, sum)/(1 − p)")
-def tsd(models, *, base, drop, rescale, rng, stats=None, **p):
+              label="TSD (TIES-SOUP + DARE)", formula="θ0 + λ·disjoint_mean(mi ⊙ δi, sum)/(1 − p)",
+              finish=_lambda_finish, n_terms=2)
+def tsd(models, *, base, drop, rescale, rng, stats=None, **_):
     """DARE drop (p ≈ 0.1) → TIES-SOUP → rescale: 6DammK9's TSD."""
-    return dare_ties(models, base=base, drop=drop, rescale=rescale, election="sum", rng=rng, **p)
+    return dare_ties(models, base=base, drop=drop, rescale=rescale, election="sum", rng=rng)
 
 
 # Geometric median by Weiszfeld's iteration on sufficient statistics. Every point is xi; the median z is
@@ -465,13 +513,12 @@ def _tgmd_prepare(stream, *, drop, eps, maxiter, ftol, **_):
 
 @merge_method("tgmd", many=True, base="required", params=[_drop("tgmd", 0.1), RESCALE, LAMBDA, EPS, MAXITER, FTOL],
               label="TGMD (TIES + geometric median + DARE)",
-              formula="θ0 + λ·GM(mi ⊙ δi ⊙ [sign = γ])/(1 − p)", prepare=_tgmd_prepare)
-def tgmd(models, *, base, drop, rescale, stats, rng, **p):
+              formula="θ0 + λ·GM(mi ⊙ δi ⊙ [sign = γ])/(1 − p)", prepare=_tgmd_prepare,
+              finish=_lambda_finish, n_terms=2)
+def tgmd(models, *, base, drop, rescale, stats, rng, **_):
     """As TSD, with the disjoint mean replaced by the geometric median of the sign-filtered deltas."""
     _check_drop(drop, rescale)
-    tau = _weighted_sum(_tgmd_filtered(models, base, drop, rng), stats)
-    scale = p["lambda"] / (1.0 - drop) if rescale else p["lambda"]
-    return base.add_(tau, alpha=scale)
+    return base, _weighted_sum(_tgmd_filtered(models, base, drop, rng), stats)
 
 
 def model_stock_t(gram: torch.Tensor) -> float:
@@ -553,7 +600,8 @@ def _dare_merge_majors(stream, *, drop, ties, rescale, iterations, **_):
                             help="per-tensor majority sign of B − A by the sum of values or by count; off = none"),
                       Param("rescale", bool, False, help="divide kept deltas by 1 − drop (DareMerge: off)"),
                       Param("iterations", int, 1, (1, 16), "repeat the drop against the merged result")],
-              label="DARE merge (A, B; ComfyUI-DareMerge)", formula="ratio·A + (1 − ratio)·DARE(A → B)")
+              label="DARE merge (A, B; ComfyUI-DareMerge)", formula="ratio·A + (1 − ratio)·DARE(A → B)",
+              finish=lambda t, *, inplace, ratio, **_: _lerp(t[0], t[1], ratio, inplace), n_terms=2)
 def dare_merge(models, *, ratio, drop, ties, rescale, iterations, stats, rng, base=None):
     """ComfyUI-DareMerge's two-model DARE merge, so its workflows carry over (see docs/METHODS.md)."""
     _check_drop(drop, rescale)
@@ -562,4 +610,4 @@ def dare_merge(models, *, ratio, drop, ties, rescale, iterations, stats, rng, ba
     for it in range(iterations):
         major = stats[it] if stats is not None else None
         m = _dare_merge_step(m, b, rng.keep_mask(it, drop, m.device), major, drop, rescale)
-    return m.lerp_(a, ratio)
+    return m, a
