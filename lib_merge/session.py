@@ -73,8 +73,12 @@ def _run(host: Host, title: str, work: Callable[[Callable], Any]) -> Any:
             host.end_job()
 
 
-def merge_to_memory(host: Host, recipe: Recipe) -> MergeSummary:
-    """Merge straight into the host's live model (no file written); the recipe labels what is loaded."""
+def merge_to_memory(host: Host, recipe: Recipe, *, device: str | None = None) -> MergeSummary:
+    """Merge straight into the host's live model (no file written); the recipe labels what is loaded.
+
+    Where the host keeps a LiveCache, a recipe that differs from the loaded one only in per-block values
+    rewrites just the keys whose values changed.
+    """
     from .arch import VAE
     from .engine import merge
     started = time.monotonic()
@@ -84,17 +88,19 @@ def merge_to_memory(host: Host, recipe: Recipe) -> MergeSummary:
         def work(progress):
             with host.live_target(family, VAE in recipe.components) as sink:
                 return merge(recipe, sink, search_dirs=host.search_dirs(), progress=progress,
-                             cancel=host.interrupted, device=host.setting("merge_lab_device", "cpu"),
-                             threads=host.setting("merge_lab_threads", None) or None)
+                             cancel=host.interrupted, device=device or host.setting("merge_lab_device", "cpu"),
+                             threads=host.setting("merge_lab_threads", None) or None, live=host.live_cache)
 
         result = _run(host, "Merging", work)
         merged = LoadedMerge(merged_name(recipe), _recipe_hash(recipe), recipe.to_json(indent=None))
         host.set_loaded(merged)
     except MergeError as e:
         return MergeSummary(False, str(e))
-    return MergeSummary(True, f"Merged {merged.name} into memory in {time.monotonic() - started:.1f} s.",
-                        recipe.to_json(), merged.name, merged.short_hash, seconds=time.monotonic() - started,
-                        warnings=result.warnings)
+    seconds = time.monotonic() - started
+    how = "" if host.live_cache is None or not host.live_cache.terms else f" ({result.rewritten} tensors rewritten)"
+    notes = [host.live_cache.note] if host.live_cache is not None and host.live_cache.note else []
+    return MergeSummary(True, f"Merged {merged.name} into memory in {seconds:.1f} s{how}.", recipe.to_json(),
+                        merged.name, merged.short_hash, seconds=seconds, warnings=result.warnings + notes)
 
 
 def family_of(host: Host, recipe: Recipe) -> str:
@@ -106,7 +112,7 @@ def family_of(host: Host, recipe: Recipe) -> str:
         return detect({k: i.shape for k, i in a.tensors.items()}, a.name).family
 
 
-def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False) -> MergeSummary:
+def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False, device: str | None = None) -> MergeSummary:
     """Merge straight to `name` in the host's output folder (streaming; the recipe goes into the metadata)."""
     from .engine import FileSink, merge
     from .models import safe_output_path
@@ -115,12 +121,12 @@ def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False) -> M
         path = safe_output_path(host.output_dir(), name)
         result = _run(host, "Saving", lambda progress: merge(
             recipe, FileSink(path, overwrite=overwrite), search_dirs=host.search_dirs(), progress=progress,
-            cancel=host.interrupted, device=host.setting("merge_lab_device", "cpu"),
+            cancel=host.interrupted, device=device or host.setting("merge_lab_device", "cpu"),
             threads=host.setting("merge_lab_threads", None) or None))
         host.saved(path)
     except MergeError as e:
         return MergeSummary(False, str(e))
-    return MergeSummary(True, f"Saved {path.name} ({path.stat().st_size / 2**30:.2f} GiB) in "
+    return MergeSummary(True, f"Saved {path.name} ({_size(path.stat().st_size)}) in "
                               f"{time.monotonic() - started:.1f} s.", recipe.to_json(), path.stem,
                         path=str(path), seconds=time.monotonic() - started, warnings=result.warnings)
 
@@ -139,6 +145,10 @@ def status(host: Host) -> dict:
     return {"host": host.name, "can_generate": host.can_generate, "has_live_model": host.has_live_model,
             "loaded": None if loaded is None else {"name": loaded.name, "short_hash": loaded.short_hash,
                                                    "recipe": loaded.recipe_json}}
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _recipe_hash(recipe: Recipe) -> str:

@@ -362,7 +362,7 @@ def test_many_model_method_with_base_and_more_models(tab, host):
 
 
 def test_unexpected_errors_become_a_message(tab, host, monkeypatch):
-    def broken(host, recipe):
+    def broken(host, recipe, device=None):
         raise RuntimeError("boom")
     monkeypatch.setattr(session, "merge_to_memory", broken)
     u = run(tab.on_merge(form(tab, model_a=A, model_b=B)))
@@ -387,8 +387,8 @@ def test_interrupt_stops_a_merge_and_loads_nothing(tab, host, monkeypatch):
 def test_device_choice_reaches_the_session(tab, host, monkeypatch):
     seen = []
 
-    def spy(h, recipe):
-        seen.append(h.setting("merge_lab_device", "?"))
+    def spy(h, recipe, device=None):
+        seen.append(device)
         return session.MergeSummary(True, "ok")
     monkeypatch.setattr(session, "merge_to_memory", spy)
     run(tab.on_merge(form(tab, model_a=A, model_b=B, device="cpu")))

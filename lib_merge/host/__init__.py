@@ -45,11 +45,14 @@ class Host:
     name = "host"
     can_generate = False          # whether generate() works here (the WebUI: yes)
     has_live_model = False        # whether live_target() writes into a model that generates images
+    can_make_demo_models = False  # whether create_demo_models() works (the standalone app)
 
     def __init__(self):
         self._interrupt = threading.Event()
         self.loaded: LoadedMerge | None = None
         self.current_state: dict | None = None   # the last in-memory merge where there is no live model
+        self.last_progress: tuple[float, str] = (0.0, "")  # (fraction, text) of the running job, for the tab
+        self.live_cache = None   # an engine.LiveCache where the host has a live model worth re-merging fast
 
     # ---- models and folders
     def list_checkpoints(self, refresh: bool = False) -> list[str]:
@@ -66,6 +69,11 @@ class Host:
 
     def output_dir(self) -> Path:
         raise NotImplementedError
+
+    def create_demo_models(self) -> list[str]:
+        """Make two tiny demo checkpoints where this host lists models (standalone only)."""
+        from ..errors import MergeError
+        raise MergeError("Demo models are made by the standalone app only.")
 
     def saved(self, path: Path) -> None:
         """A merge was saved to `path` (the WebUI refreshes its checkpoint list)."""
@@ -104,9 +112,10 @@ class Host:
     # ---- progress, interrupt, exclusivity
     def begin_job(self, title: str) -> None:
         self._interrupt.clear()
+        self.last_progress = (0.0, title)
 
     def progress(self, fraction: float, text: str = "") -> None:
-        pass
+        self.last_progress = (fraction, text)
 
     def end_job(self) -> None:
         pass

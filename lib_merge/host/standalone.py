@@ -22,6 +22,7 @@ class StandaloneHost(Host):
     name = "standalone"
     can_generate = False
     has_live_model = False
+    can_make_demo_models = True
 
     def __init__(self, models_dir: str | Path = "models", output_dir: str | Path = "outputs",
                  lora_dir: str | Path | None = None, settings: dict[str, Any] | None = None):
@@ -30,7 +31,6 @@ class StandaloneHost(Host):
         self.lora_dir = Path(lora_dir).expanduser().resolve() if lora_dir else self.models_dir / LORA_DIR
         self.output_folder = Path(output_dir).expanduser().resolve()
         self.settings: dict[str, Any] = dict(settings or {})
-        self.last_progress: tuple[float, str] = (0.0, "")  # read by the tab's status line
         self._checkpoints: dict[str, Path] | None = None
         self._lock = threading.Lock()
 
@@ -84,13 +84,6 @@ class StandaloneHost(Host):
         return [p.relative_to(self.models_dir).as_posix() for p in paths]
 
     # ---- progress, exclusivity, settings
-    def begin_job(self, title: str) -> None:
-        super().begin_job(title)
-        self.last_progress = (0.0, title)
-
-    def progress(self, fraction: float, text: str = "") -> None:
-        self.last_progress = (fraction, text)
-
     def exclusive(self):
         return self._lock
 

@@ -50,9 +50,12 @@ class WebUIHost(Host):
     has_live_model = True
 
     def __init__(self):
+        from ..engine import LiveCache
         super().__init__()
         self._original: tuple | None = None   # (sd_checkpoint_info, sd_model_hash) before our first merge
         self._vae_written = False
+        self._label = None                    # the CheckpointInfo copy that names the loaded merge
+        self.live_cache = LiveCache(budget_bytes=int(self.setting("merge_lab_cache_mb", 4096)) << 20)
 
     # ---------------------------------------------------------------------------------- models, folders
     def list_checkpoints(self, refresh: bool = False) -> list[str]:
@@ -124,15 +127,26 @@ class WebUIHost(Host):
                              f"select an {labels[family]} checkpoint (model A, say) at the top of the page first.")
         if self._original is None:
             self._original = (model.sd_checkpoint_info, model.sd_model_hash)
+        if self.loaded is None or model.sd_checkpoint_info is not self._label:
+            self.live_cache.clear()   # the WebUI loaded other weights since: no partial re-merge on top
+        self.live_cache.budget_bytes = int(self.setting("merge_lab_cache_mb", 4096)) << 20
         sd_hijack.model_hijack.undo_hijack(model)
         try:
             targets = model.state_dict(keep_vars=True)
             # the WebUI's VAE choice (Settings / sd_vae) stays unless the merge merges the VAE
             wanted = (lambda key: True) if merge_vae else (lambda key: component_of(key) != VAE)
-            yield TensorSink(targets, on_abort=lambda: self._write_original(model, merge_vae), keys=wanted)
+            yield TensorSink(targets, on_abort=lambda: self._failed(model, merge_vae), keys=wanted, owner=id(model))
             self._vae_written = self._vae_written or merge_vae
         finally:
             sd_hijack.model_hijack.hijack(model)
+
+    def _failed(self, model, with_vae: bool) -> None:
+        """A merge stopped half way: put the original checkpoint back and forget the cached terms."""
+        self._write_original(model, with_vae)
+        self.live_cache.clear()
+        if self._original is not None:
+            model.sd_checkpoint_info, model.sd_model_hash = self._original
+        self._original, self.loaded = None, None
 
     def _write_original(self, model, with_vae: bool) -> None:
         """Stream the checkpoint the WebUI loaded back into the model (after a failed or undone merge)."""
@@ -154,7 +168,7 @@ class WebUIHost(Host):
         info = copy.copy(self._original[0] if self._original else model.sd_checkpoint_info)
         info.name_for_extra = merged.name
         info.shorthash = merged.short_hash
-        model.sd_checkpoint_info = info
+        model.sd_checkpoint_info = self._label = info
         model.sd_model_hash = merged.short_hash
         self.loaded = merged
 
@@ -171,6 +185,7 @@ class WebUIHost(Host):
             sd_hijack.model_hijack.hijack(model)
         model.sd_checkpoint_info, model.sd_model_hash = self._original
         self._original, self.loaded = None, None
+        self.live_cache.clear()
         if self._vae_written:
             sd_vae.reload_vae_weights()  # put the user's VAE choice back on top of the checkpoint's own
             self._vae_written = False
@@ -199,6 +214,7 @@ class WebUIHost(Host):
 
     def progress(self, fraction: float, text: str = "") -> None:
         from modules import shared
+        super().progress(fraction, text)
         shared.state.sampling_step = int(fraction * 1000)
         if text:
             shared.state.textinfo = text

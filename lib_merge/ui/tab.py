@@ -73,20 +73,6 @@ def _unexpected(e: BaseException) -> str:
             f"details. Nothing was changed.")
 
 
-class _WithSettings:
-    """The host with some settings given for one action: session reads the device from host.setting().
-    (session.merge_to_memory/save take no device argument; see docs/UI.md.)"""
-
-    def __init__(self, host: Host, **settings):
-        self._host, self._settings = host, settings
-
-    def setting(self, name: str, default: Any = None) -> Any:
-        return self._settings[name] if name in self._settings else self._host.setting(name, default)
-
-    def __getattr__(self, name):
-        return getattr(self._host, name)
-
-
 def _background(fn: Callable[[], Any]) -> Iterator[tuple[bool, Any]]:
     """Run fn in a thread; yield (False, None) while it runs, then (True, result); a MergeError or any
     other exception comes back as (True, exception)."""
@@ -256,7 +242,7 @@ class MergeTab:
         self._show("demo_row", row)
 
     def _demo_offer(self) -> str:
-        if not hasattr(self.host, "create_demo_models") or self.host.list_checkpoints():
+        if not self.host.can_make_demo_models or self.host.list_checkpoints():
             return ""
         folder = getattr(self.host, "models_dir", "the models folder")
         return (f"No checkpoints in `{folder}` yet. Put your `.safetensors` models there and press "
@@ -661,11 +647,11 @@ class MergeTab:
         except Exception as e:  # noqa: BLE001
             yield {"status": status_html("error", _unexpected(e))}
             return
-        host = _WithSettings(self.host, merge_lab_device=v.get("device") or "cpu")
+        device = v.get("device") or "cpu"
         started = time.monotonic()
-        for done, result in _background(lambda: action(host, recipe)):
+        for done, result in _background(lambda: action(self.host, recipe, device=device)):
             if not done:
-                fraction, text = getattr(self.host, "last_progress", (None, ""))
+                fraction, text = self.host.last_progress
                 yield {"status": busy_html(title, time.monotonic() - started, fraction, text)}
                 continue
             if isinstance(result, MergeError):
@@ -688,8 +674,8 @@ class MergeTab:
         name = (v.get("save_name") or "").strip() or F.default_save_name(v)
         overwrite = bool(v.get("overwrite"))
         yield {"save_name": gr.update(value=name)}
-        for u in self._run(v, f"Saving {name}", lambda host, recipe: session.save(host, recipe, name,
-                                                                                  overwrite=overwrite)):
+        for u in self._run(v, f"Saving {name}", lambda host, recipe, device: session.save(
+                host, recipe, name, overwrite=overwrite, device=device)):
             if "merge-lab-ok" in u.get("status", ""):
                 u.update(self._model_choices())   # the new file may be in the models folder (the WebUI's)
             yield u
