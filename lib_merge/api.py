@@ -13,6 +13,7 @@ left as it was.
     POST /merge-lab/v1/merge      merge into memory (the live model)
     POST /merge-lab/v1/save       merge to a file in the output folder ({"name": ..., "overwrite": false})
     POST /merge-lab/v1/restore    put the original model back
+    POST /merge-lab/v1/generate   txt2img with the loaded model (hosts that generate): images as base64 PNG
     POST /merge-lab/v1/interrupt  stop the running merge
 """
 from __future__ import annotations
@@ -43,6 +44,35 @@ def recipe_from_body(host: Host, body: Any):
     options = {k: body[k] for k in RECIPE_OPTIONS if k in body}
     return session.recipe_from_names(host, body["method"], models, base=body.get("base"),
                                      params=body.get("params") or {}, blocks=body.get("blocks") or {}, **options)
+
+
+def generation_request(body: Any):
+    """A GenerationRequest from a JSON body, with the WebUI API's field names (sampler_name too)."""
+    from dataclasses import fields
+    from .host import GenerationRequest
+    if not isinstance(body, dict):
+        raise InputError("The request body must be a JSON object.")
+    body = dict(body)
+    if "sampler_name" in body:
+        body["sampler"] = body.pop("sampler_name")
+    known = {f.name: f.type for f in fields(GenerationRequest)}
+    unknown = set(body) - set(known)
+    if unknown:
+        raise InputError(f"Unknown generation field(s): {', '.join(sorted(unknown))}. Known: {', '.join(known)}.")
+    defaults = GenerationRequest()
+    try:
+        values = {k: type(getattr(defaults, k))(v) for k, v in body.items()}
+    except (TypeError, ValueError):
+        raise InputError("A generation field has a value of the wrong type.") from None
+    return GenerationRequest(**values)
+
+
+def _png_base64(image) -> str:
+    import base64
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def register_routes(app, host: Host, dependencies: list | None = None) -> None:
@@ -85,6 +115,14 @@ def register_routes(app, host: Host, dependencies: list | None = None) -> None:
     def restore():
         return answer(session.restore(host))
 
+    def generate(body: dict = Body(...)):
+        def run():
+            summary = session.generate(host, generation_request(body))
+            if not summary.ok:
+                return JSONResponse({"ok": False, "message": summary.message}, status_code=400)
+            return {"ok": True, "images": [_png_base64(i) for i in summary.images], "infotexts": summary.infotexts}
+        return guarded(run)
+
     def interrupt():
         host.interrupt()
         return {"ok": True, "message": "Interrupt requested."}
@@ -92,5 +130,5 @@ def register_routes(app, host: Host, dependencies: list | None = None) -> None:
     deps = dependencies or []
     for path, fn, method in (("/methods", methods, "GET"), ("/models", models, "GET"), ("/status", status, "GET"),
                              ("/merge", merge, "POST"), ("/save", save, "POST"), ("/restore", restore, "POST"),
-                             ("/interrupt", interrupt, "POST")):
+                             ("/generate", generate, "POST"), ("/interrupt", interrupt, "POST")):
         app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=deps)

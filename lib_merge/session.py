@@ -131,6 +131,25 @@ def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False, devi
                         path=str(path), seconds=time.monotonic() - started, warnings=result.warnings)
 
 
+@dataclass
+class GenerationSummary:
+    ok: bool
+    message: str
+    images: list = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)
+
+
+def generate(host: Host, request) -> GenerationSummary:
+    """txt2img with whatever the host has loaded (the merge, if one is), holding the host's lock."""
+    started = time.monotonic()
+    try:
+        result = _run(host, "Generating", lambda progress: host.generate(request))
+    except MergeError as e:
+        return GenerationSummary(False, str(e))
+    return GenerationSummary(True, f"Generated {len(result.images)} image(s) in {time.monotonic() - started:.1f} s.",
+                             list(result.images), list(result.infotexts))
+
+
 def restore(host: Host) -> MergeSummary:
     try:
         with host.exclusive():

@@ -134,6 +134,14 @@ def test_tab_routes_merge_generate_restore(webui):
     assert f"Model hash: {merged['short_hash']}" in text and "Merge Lab recipe:" in text
     assert json.loads(merged["recipe"])["method"] == "weighted_sum"
 
+    # our own generate route (the tab's Generate button): the WebUI's pipeline, the recipe in the infotext
+    r = http.post("/merge-lab/v1/generate", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
+                                                  "seed": 1, "sampler_name": "Euler"})
+    assert r.status_code == 200, r.text[-2000:]
+    generated = r.json()
+    assert len(generated["images"]) == 1 and generated["images"][0]
+    assert "Merge Lab recipe:" in generated["infotexts"][0] and f"Model: {merged['name']}" in generated["infotexts"][0]
+
     r = http.post("/merge-lab/v1/restore")
     assert r.status_code == 200 and r.json()["ok"]
     after = webui.txt2img()

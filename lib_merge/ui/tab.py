@@ -687,17 +687,15 @@ class MergeTab:
                                      cfg_scale=float(v.get("cfg") or 7), width=int(v.get("width") or 512),
                                      height=int(v.get("height") or 512), sampler=v.get("sampler") or "Euler a")
         started = time.monotonic()
-        for done, result in _background(lambda: self.host.generate(request())):
+        for done, result in _background(lambda: session.generate(self.host, request())):
             if not done:
                 yield {"status": busy_html("Generating", time.monotonic() - started)}
-            elif isinstance(result, MergeError):
-                yield {"status": error_html(result)}
             elif isinstance(result, BaseException):
                 yield {"status": status_html("error", _unexpected(result))}
+            elif not result.ok:
+                yield {"status": status_html("error", result.message)}
             else:
-                yield {"gallery": gr.update(value=list(result.images)),
-                       "status": status_html("ok", f"Generated {len(result.images)} image(s) in "
-                                                   f"{time.monotonic() - started:.1f} s.")}
+                yield {"gallery": gr.update(value=list(result.images)), "status": status_html("ok", result.message)}
 
     def on_merge_generate(self, v: dict) -> Iterator[dict]:
         ok = False
