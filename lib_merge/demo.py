@@ -1,9 +1,10 @@
-"""Two tiny demo checkpoints (real SD1.5 key names, small shapes) so a newcomer can merge at once."""
+"""Two tiny demo checkpoints (real SD1.5 key names, small shapes) so a newcomer can merge, and preview
+the merge, at once."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from .keysets import make_state_dict
+from .keysets import make_runnable_state_dict
 from .models import save_state_dict
 
 DEMO_NAMES = ("demo_sd15_a.safetensors", "demo_sd15_b.safetensors")
@@ -14,8 +15,9 @@ def make_demo_models(folder: Path, family: str = "sd1") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / n for n in DEMO_NAMES]
     if not all(p.exists() for p in paths):
-        a = make_state_dict(family, seed=1)
-        b = make_state_dict(family, seed=2, like=a, noise=0.05)
+        # small but runnable: diffusers can build and run them, so the standalone app can make previews
+        a = make_runnable_state_dict(family, seed=1)
+        b = make_runnable_state_dict(family, seed=2)
         for p, sd in zip(paths, (a, b)):
             if not p.exists():
                 save_state_dict(sd, p, {"merge_lab_demo": "tiny random model for trying Merge Lab"})

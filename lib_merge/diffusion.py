@@ -703,7 +703,8 @@ class Generator:
 
         class GeneratorSink(TensorSink):
             def __init__(self):
-                super().__init__({}, on_abort=lambda: setattr(gen, "ready", False))
+                # tied to these modules: a live re-merge may write into them only while they are the same
+                super().__init__({}, on_abort=lambda: setattr(gen, "ready", False), owner=(id(gen), id(gen.modules)))
 
             def open(self, entries, metadata_draft=None):
                 self.targets = gen.prepare({k: shape for k, _, shape in entries})

@@ -393,12 +393,14 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
             progress: Callable[[Progress], None] | None = None,
             cancel: Callable[[], bool] | None = None, nonfinite: str = "warn", mask=None,
             metadata_draft: dict | None = None, capture: dict | None = None,
-            live_terms: dict | None = None) -> list[str]:
+            live_terms: dict | None = None, open_entries: list | None = None) -> list[str]:
     """Run every task into the sink. Returns the keys that came out non-finite (policy 'warn').
 
     `mask` (a masks.Mask) restricts what may change: where it is False the output keeps A's values.
     `capture` (a dict) receives each merged key's terms (methods with a finish step) for live re-merges;
     `live_terms` are such terms from an earlier merge: those keys are only finished again.
+    `open_entries`: what the sink is opened with when the plan is a part of the merge (a live re-merge
+    writes some keys, but the sink still learns the whole model's layout).
     """
     device = torch.device(device)
     if threads is None:
@@ -483,7 +485,7 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
     if device.type == "cpu" and threads > 1:
         torch.set_num_threads(1)  # parallelism comes from the workers; no oversubscription
     try:
-        sink.open(plan.entries, metadata_draft)
+        sink.open(open_entries or plan.entries, metadata_draft)
         try:
             with _steady_heap():
                 if threads <= 1:
@@ -757,7 +759,7 @@ def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = 
         bad = execute(run_plan, inputs, sink, seed=recipe.seed, compute_dtype=compute_dtype,
                       device=device, threads=threads, chunk_elems=chunk_elems, progress=progress, cancel=cancel,
                       nonfinite=recipe.nonfinite, mask=mask, metadata_draft=draft, capture=capture,
-                      live_terms=live_terms)
+                      live_terms=live_terms, open_entries=plan.entries)
         if live is not None and isinstance(sink, TensorSink):
             if capture is not None:
                 live.terms, live.signature, live.owner = capture, signature, sink.owner

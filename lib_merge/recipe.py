@@ -103,6 +103,16 @@ class Recipe:
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
+    def public_dict(self) -> dict:
+        """The recipe as it may travel (file metadata, infotexts, hashes): without local file paths."""
+        d = self.to_dict()
+        for m in d["models"] + [d[k] for k in ("base", "mask") if d.get(k)]:
+            m.pop("path", None)
+        return d
+
+    def public_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.public_dict(), indent=indent)
+
     @classmethod
     def from_dict(cls, d: Any) -> "Recipe":
         if not isinstance(d, dict):
@@ -180,9 +190,7 @@ class Recipe:
             if ref.sha256:
                 legacy = legacy_hashes[i] if legacy_hashes and i < len(legacy_hashes) else None
                 models[ref.sha256] = {"name": ref.name, "legacy_hash": legacy, "sd_merge_recipe": nested}
-        public = self.to_dict()
-        for m in public["models"] + [public[k] for k in ("base", "mask") if public.get(k)]:
-            m.pop("path", None)  # local paths stay private
+        public = self.public_dict()  # local paths stay private
         return {
             "sd_merge_recipe": json.dumps(webui),
             "sd_merge_models": json.dumps(models),

@@ -83,16 +83,16 @@ def merge_to_memory(host: Host, recipe: Recipe, *, device: str | None = None) ->
     from .engine import merge
     started = time.monotonic()
     try:
-        family = family_of(host, recipe)
+        family, shapes = header_of(host, recipe)
 
         def work(progress):
-            with host.live_target(family, VAE in recipe.components) as sink:
+            with host.live_target(family, VAE in recipe.components, shapes) as sink:
                 return merge(recipe, sink, search_dirs=host.search_dirs(), progress=progress,
                              cancel=host.interrupted, device=device or host.setting("merge_lab_device", "cpu"),
                              threads=host.setting("merge_lab_threads", None) or None, live=host.live_cache)
 
         result = _run(host, "Merging", work)
-        merged = LoadedMerge(merged_name(recipe), _recipe_hash(recipe), recipe.to_json(indent=None))
+        merged = LoadedMerge(merged_name(recipe), _recipe_hash(recipe), recipe.public_json())
         host.set_loaded(merged)
     except MergeError as e:
         return MergeSummary(False, str(e))
@@ -103,13 +103,14 @@ def merge_to_memory(host: Host, recipe: Recipe, *, device: str | None = None) ->
                         merged.name, merged.short_hash, seconds=seconds, warnings=result.warnings + notes)
 
 
-def family_of(host: Host, recipe: Recipe) -> str:
-    """The architecture family of the recipe's model A, from its header."""
+def header_of(host: Host, recipe: Recipe) -> tuple[str, dict]:
+    """The architecture family and the {key: shape} of the recipe's model A, from its header."""
     from .arch import detect
     from .engine import resolve_model_path
     from .models import open_model
     with open_model(resolve_model_path(recipe.models[0], host.search_dirs())) as a:
-        return detect({k: i.shape for k, i in a.tensors.items()}, a.name).family
+        shapes = {k: i.shape for k, i in a.tensors.items()}
+        return detect(shapes, a.name).family, shapes
 
 
 def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False, device: str | None = None) -> MergeSummary:
@@ -173,4 +174,4 @@ def _size(n: int) -> str:
 def _recipe_hash(recipe: Recipe) -> str:
     """A 10-hex-digit hash of the recipe: the honest 'model hash' of a merge that has no file."""
     import hashlib
-    return hashlib.sha256(recipe.to_json(indent=None).encode()).hexdigest()[:10]
+    return hashlib.sha256(recipe.public_json().encode()).hexdigest()[:10]

@@ -91,9 +91,9 @@ def test_save_name_must_stay_in_the_output_folder(api):
     assert not (out.parent / "escape.safetensors").exists()
 
 
-def test_generate_needs_a_host_that_generates(api):
+def test_generate_needs_a_merge_loaded(api):
     client, host, _ = api
     r = client.post(PREFIX + "/generate", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64})
-    assert r.status_code == 400 and "Previews need the WebUI" in r.json()["message"]
+    assert r.status_code == 400 and "Merge first" in r.json()["message"]
     r = client.post(PREFIX + "/generate", json={"prompt": "a cat", "colour": "blue"})
     assert r.status_code == 400 and "Unknown generation field" in r.json()["message"]

@@ -84,12 +84,12 @@ class Host:
 
     # ---- the live model
     @contextlib.contextmanager
-    def live_target(self, family: str, merge_vae: bool):
+    def live_target(self, family: str, merge_vae: bool, shapes: dict | None = None):
         """A sink for merging straight into the live model (the WebUI: its parameters, no second copy).
 
-        Here (no live model) the merge goes into memory and is kept as the current merge. `family` is the
-        merge's architecture (a host may refuse a live model of another one); the VAE is written only when
-        the merge merges it.
+        Here (no live model) the merge goes into memory and is kept as the current merge. `family` and
+        `shapes` (model A's {key: shape}) describe the merge (a host may refuse a live model of another
+        architecture, or build one for it); the VAE is written only when the merge merges it.
         """
         from ..engine import DictSink
         sink = DictSink()

@@ -1,18 +1,22 @@
-"""The Host interface without the WebUI: a models folder, an output folder, the merge kept in memory.
+"""The Host interface without the WebUI: a models folder, an output folder, and a diffusers model.
 
-There is no live model here (nothing generates images), so a merge "into memory" is kept as the
-current merge (Host.live_target fills `current_state`; `loaded` describes it); Restore drops it.
+With diffusers installed (the standalone requirements have it) a merge "into memory" goes straight into
+a diffusers UNet / VAE / text encoder(s) built from the merge's shapes (lib_merge.diffusion), which then
+generates previews; re-merges after slider changes rewrite only the changed tensors (engine.LiveCache).
+A model diffusers cannot run is merged into a plain state dict instead, with a note. Restore drops it.
 Names are file paths relative to the models folder, as the WebUI shows its checkpoints; anything else
 is refused, so a name can never reach outside the folder.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
-from . import Host
+from ..errors import InputError, MergeError
+from . import GenerationRequest, GenerationResult, Host, LoadedMerge
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_DIR = "Lora"   # the WebUI's folder name for LoRAs (models/Lora)
@@ -20,19 +24,25 @@ LORA_DIR = "Lora"   # the WebUI's folder name for LoRAs (models/Lora)
 
 class StandaloneHost(Host):
     name = "standalone"
-    can_generate = False
-    has_live_model = False
     can_make_demo_models = True
 
     def __init__(self, models_dir: str | Path = "models", output_dir: str | Path = "outputs",
-                 lora_dir: str | Path | None = None, settings: dict[str, Any] | None = None):
+                 lora_dir: str | Path | None = None, settings: dict[str, Any] | None = None,
+                 generate: bool | None = None):
+        from ..engine import LiveCache
         super().__init__()
+        # previews need diffusers (installed with the standalone requirements); generate=False turns them off
+        self.can_generate = self.has_live_model = (
+            importlib.util.find_spec("diffusers") is not None if generate is None else generate)
+        self._generator = None
+        self.preview_note = ""   # why the loaded merge cannot make previews, if it cannot
         self.models_dir = Path(models_dir).expanduser().resolve()
         self.lora_dir = Path(lora_dir).expanduser().resolve() if lora_dir else self.models_dir / LORA_DIR
         self.output_folder = Path(output_dir).expanduser().resolve()
         self.settings: dict[str, Any] = dict(settings or {})
         self._checkpoints: dict[str, Path] | None = None
         self._lock = threading.Lock()
+        self.live_cache = LiveCache(int(self.settings.get("merge_lab_cache_mb", 4096)) << 20)
 
     # ---- models and folders
     def _scan(self, folder: Path, skip: Path | None = None) -> dict[str, Path]:
@@ -82,6 +92,64 @@ class StandaloneHost(Host):
         paths = make_demo_models(self.models_dir)
         self.list_checkpoints(refresh=True)
         return [p.relative_to(self.models_dir).as_posix() for p in paths]
+
+    # ---- the live (diffusers) model
+    @property
+    def generator(self):
+        if self._generator is None:
+            from ..diffusion import Generator
+            self._generator = Generator(tokenizer_dir=self.setting("generation_tokenizer_dir") or None)
+        return self._generator
+
+    @contextlib.contextmanager
+    def live_target(self, family: str, merge_vae: bool, shapes: dict | None = None):
+        reason = self._why_no_previews(shapes, family)
+        if reason:
+            self.preview_note = reason
+            self.live_cache.clear()
+            if self._generator is not None:
+                self._generator.unload()
+            with super().live_target(family, merge_vae, shapes) as sink:
+                yield sink
+            return
+        self.preview_note = ""
+        sink = self.generator.sink()
+        yield sink
+        self.current_state = sink.targets
+
+    def _why_no_previews(self, shapes: dict | None, family: str) -> str:
+        if not self.can_generate:
+            return "previews are off"
+        if shapes is None:
+            return "the model's layout is unknown"
+        try:
+            self.generator.prepare(shapes, family)   # builds the modules (kept for the merge: same shapes)
+        except MergeError as e:
+            return f"this model cannot generate previews here: {e}"
+        except Exception as e:  # noqa: BLE001 - shapes diffusers cannot build (a shrunken test model)
+            return f"this model cannot generate previews here ({type(e).__name__}: {e})"
+        return ""
+
+    def set_loaded(self, merged: LoadedMerge) -> None:
+        super().set_loaded(merged)
+        if not self.preview_note and self._generator is not None:
+            self._generator.mark_loaded(merged.name, merged.short_hash)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        if not self.can_generate:
+            return super().generate(request)
+        if self.loaded is None or self._generator is None or not self._generator.ready:
+            raise MergeError(self.preview_note.capitalize() + "." if self.preview_note and self.loaded
+                             else "Merge first: previews are made with the merge loaded in memory.")
+        extra = {"Merge Lab recipe": self.loaded.recipe_json}
+        return self._generator.generate(request, progress=self.progress, cancel=self.interrupted, extra=extra)
+
+    def restore(self) -> None:
+        if self._generator is not None:
+            self._generator.unload()
+        self.live_cache.clear()
+        self.preview_note = ""
+        super().restore()
 
     # ---- progress, exclusivity, settings
     def exclusive(self):

@@ -115,7 +115,7 @@ class WebUIHost(Host):
         return model
 
     @contextlib.contextmanager
-    def live_target(self, family: str, merge_vae: bool):
+    def live_target(self, family: str, merge_vae: bool, shapes: dict | None = None):
         from modules import sd_hijack
         from ..arch import VAE, component_of
         from ..engine import TensorSink

@@ -246,7 +246,7 @@ class MergeTab:
             return ""
         folder = getattr(self.host, "models_dir", "the models folder")
         return (f"No checkpoints in `{folder}` yet. Put your `.safetensors` models there and press "
-                f"Refresh, or create two tiny demo models (a few MB, random weights) to try Merge Lab now.")
+                f"Refresh, or create two tiny demo models (about 60 MB each, random weights) to try Merge Lab now.")
 
     def _build_params(self) -> None:
         with gr.Group():
