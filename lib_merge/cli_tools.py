@@ -8,36 +8,19 @@ their own. Outputs are never written over an input, nor over an existing file wi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from .errors import InputError, MergeError, OutputError
+from .errors import InputError
+from .models import check_output_path
 
 DTYPES = ("float16", "bfloat16", "float32")
 
 
 # ------------------------------------------------------------------------------------ helpers
 
-def _same_file(a: Path, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return a.resolve() == Path(b).resolve()
-
-
 def _check_out(path: str, suffix: str, inputs: list, overwrite: bool) -> Path:
-    out = Path(path)
-    if out.suffix.lower() != suffix:
-        raise OutputError(f"The output must be a {suffix} file, not '{out.name}'.")
-    for src in inputs:
-        if _same_file(out, src):
-            raise OutputError(f"Refusing to write over an input: '{out}'. Choose another output name.")
-    if out.exists() and not overwrite:
-        raise OutputError(f"'{out}' already exists. Choose another name or add --overwrite.")
-    if not out.parent.is_dir():
-        raise OutputError(f"The output folder '{out.parent}' does not exist.")
-    return out
+    return check_output_path(Path(path), [Path(i) for i in inputs], overwrite, suffix)
 
 
 def _notes(notes: list[str], limit: int = 10) -> None:
@@ -420,23 +403,3 @@ def add_tool_commands(subparsers) -> None:
     _add_weights(subparsers)
     _add_normalize_and_noise(subparsers)
     _add_report(subparsers)
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lib_merge.cli_tools",
-                                description="Merge Lab tools: masks, weight sets, normalize, noise, reports.")
-    add_tool_commands(p.add_subparsers(dest="command", required=True))
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MergeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -386,10 +386,11 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def check_output_path(path: Path, inputs: list[Path], overwrite: bool) -> Path:
+def check_output_path(path: Path, inputs: list[Path], overwrite: bool, suffix: str = ".safetensors") -> Path:
+    """An output path the user gave: the right kind of file, never an input, no silent overwrite."""
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise OutputError(f"The output must be a .safetensors file, not '{path.name}'.")
+    if path.suffix.lower() != suffix:
+        raise OutputError(f"The output must be a {suffix} file, not '{path.name}'.")
     for src in inputs:
         if path.exists() and _same_file(path, Path(src)) or path.resolve() == Path(src).resolve():
             raise OutputError(f"Refusing to write over an input model: '{path}'. Choose another output name.")
