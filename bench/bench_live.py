@@ -59,10 +59,10 @@ def main() -> None:
 
     base = preset("FLAT_50", "sd1")
     one = list(base)
-    one[4] = 0.9                       # IN03 only
+    one[5] = 0.9                       # IN04 only (a resnet and a transformer block)
     every = [min(1.0, v + 0.1) for v in base]
     rows = [run(base, "(a) first merge into the live model")]
-    rows.append(run(one, "(b) re-merge after changing one block (IN03)"))
+    rows.append(run(one, "(b) re-merge after changing one block (IN04)"))
     rows.append(run(every, "(c) re-merge after changing every block"))
 
     t = time.perf_counter()
