@@ -140,7 +140,19 @@ def test_tab_routes_merge_generate_restore(webui):
     assert r.status_code == 200, r.text[-2000:]
     generated = r.json()
     assert len(generated["images"]) == 1 and generated["images"][0]
-    assert "Merge Lab recipe:" in generated["infotexts"][0] and f"Model: {merged['name']}" in generated["infotexts"][0]
+    text = generated["infotexts"][0]   # the WebUI quotes values that hold commas
+    assert "Merge Lab recipe:" in text and f'Model: "{merged["name"]}"' in text
+
+    # a slider change re-merges only the changed tensors into the WebUI's model (with room for the terms)
+    assert http.post("/sdapi/v1/options", json={"merge_lab_cache_mb": 12000}).status_code == 200
+    body = {"method": "weighted_sum", "models": [a_title, b_title], "params": {"alpha": 0.5}}
+    assert http.post("/merge-lab/v1/merge", json=body).json()["ok"]          # keeps the terms this time
+    body["blocks"] = {"alpha": [0.5] * 5 + [0.9] + [0.5] * 20}                  # IN04 only
+    remerged = http.post("/merge-lab/v1/merge", json=body).json()
+    assert remerged["ok"] and "tensors rewritten" in remerged["message"], remerged
+    rewritten = int(remerged["message"].split(" tensors rewritten")[0].rsplit("(", 1)[1])
+    assert 0 < rewritten < 100
+    assert webui.txt2img()["sd_model_hash"] == remerged["short_hash"]
 
     r = http.post("/merge-lab/v1/restore")
     assert r.status_code == 200 and r.json()["ok"]
