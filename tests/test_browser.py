@@ -69,6 +69,9 @@ def app(tiny, tmp_path):
                 log.seek(0)
                 pytest.fail(f"the app did not start:\n{log.read()[-3000:]}")
             time.sleep(0.3)
+        # the HTTP API is served beside the page
+        with urllib.request.urlopen(url + "merge-lab/v1/methods", timeout=10) as r:
+            assert any(m["name"] == "ties" for m in json.loads(r.read()))
         yield url, out
     finally:
         proc.terminate()

@@ -1,7 +1,8 @@
 """The standalone Merge Lab app: `python -m lib_merge ui [--port 7861] [--models-dir ./models] ...`.
 
 A gr.Blocks page with a "Merge" tab (more tabs later) over a StandaloneHost, queued so long merges stream
-their progress and Interrupt works, served on 127.0.0.1 unless --host says otherwise.
+their progress and Interrupt works, and the HTTP API (/merge-lab/v1/, docs/API.md) on the same server,
+so scripts can merge and generate too; served on 127.0.0.1 unless --host says otherwise.
 """
 from __future__ import annotations
 
@@ -66,9 +67,22 @@ def run(args: argparse.Namespace) -> int:
 
     host = StandaloneHost(args.models_dir, args.output_dir)
     print(f"Merge Lab: models from {host.models_dir}, merges saved to {host.output_folder}", flush=True)
-    app = queue(build_app(host), args.concurrency)
-    app.launch(server_name=args.host, server_port=args.port, inbrowser=False, show_api=False, quiet=False)
+    server = make_server(host, args.concurrency)
+    print(f"Merge Lab: open http://{args.host}:{args.port} (HTTP API under /merge-lab/v1/)", flush=True)
+    import uvicorn
+    uvicorn.run(server, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def make_server(host, concurrency: int = 2):
+    """One FastAPI app: the HTTP API (lib_merge.api) and the page, mounted at / (gradio 3.x and 4.x)."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from ..api import register_routes
+    server = FastAPI()
+    register_routes(server, host)   # before the page is mounted at /, which would catch these paths
+    return gr.mount_gradio_app(server, queue(build_app(host), concurrency), path="/")
 
 
 if __name__ == "__main__":
