@@ -148,3 +148,37 @@ def test_labels_and_names_are_readable():
     assert Axis("seed", "3-1").values == [3, 2, 1]
     assert Axis("method", "Weighted sum, add_difference").values == ["weighted_sum", "add_difference"]
     assert xy._sanitise("α = 0.2 | GRAD_V / ../x") == "alpha_0.2_GRAD_V_._x"
+
+
+# ---------------------------------------------------------------------------------------------- the tab
+def _tab_values(tab, **more):
+    v = tab.values()
+    v.update(model_a=MODELS[0], model_b=MODELS[1], prompt="a cat", steps=2, width=64, height=64, gen_seed=5)
+    v.update(more)
+    return v
+
+
+def test_tab_runs_the_plot_and_streams_status(host, merges):
+    from lib_merge.ui.tab import make_tab
+    tab = make_tab(host)
+    assert tab.c["xy_run"].visible is True
+    v = _tab_values(tab, xy_x_kind="alpha", xy_x_values="0.3, 0.6", xy_y_kind="seed", xy_y_values="1, 2")
+    updates = list(tab.on_xy(v))
+    last = updates[-1]
+    assert "merge-lab-ok" in last["xy_status"] and "4 image(s) from 2 merge(s)" in last["xy_status"], last
+    gallery = last["xy_gallery"]["value"]
+    assert len(gallery) == 5 and gallery[0][1] == "grid" and gallery[1][1] == "α = 0.3 | seed 1"
+    assert len(merges) == 2
+    # a bad axis: a sentence in the XY status line, nothing merged
+    bad = list(tab.on_xy(_tab_values(tab, xy_x_kind="gamma", xy_x_values="1")))
+    assert len(bad) == 1 and "merge-lab-error" in bad[0]["xy_status"] and "unknown axis kind" in bad[0]["xy_status"]
+    assert len(merges) == 2
+
+
+def test_tab_without_previews_hides_the_run_button(runnable, tmp_path):
+    from lib_merge.ui.tab import make_tab
+    host = StandaloneHost(runnable, tmp_path / "out", generate=False)
+    tab = make_tab(host)
+    assert tab.c["xy_run"].visible is False
+    u = list(tab.on_xy(_tab_values(tab)))
+    assert "cannot generate" in u[-1]["xy_status"]

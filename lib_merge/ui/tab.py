@@ -371,6 +371,7 @@ class MergeTab:
                                                        elem_id=f"{ELEM}merge_generate"))
             self._show("gallery", gr.Gallery(label="Previews", columns=4, elem_id=f"{ELEM}gallery"))
         self._show("gen_group", gen)
+        self._build_xy()
         self._show("gen_note", gr.Markdown(
             "Previews need the WebUI: in the standalone app, Merge keeps the result in memory and Save "
             "writes it to a file you can load anywhere.", visible=not can_generate))
@@ -384,6 +385,40 @@ class MergeTab:
                 self._field("overwrite", gr.Checkbox(value=False, label="Overwrite an existing file",
                                                      elem_id=f"{ELEM}overwrite"))
                 self._show("save", gr.Button("Save", variant="primary", elem_id=f"{ELEM}save"))
+
+    def _build_xy(self) -> None:
+        """XY plot: preview images over one or two axes (lib_merge/xy.py), each distinct merge done once."""
+        from .. import xy
+        kinds = xy.kind_choices()
+        self._xy_stop = threading.Event()   # set by Interrupt: the plot stops before its next merge or image
+        can = self.host.can_generate
+        with gr.Accordion("XY plot", open=False, elem_id=f"{ELEM}xy"):
+            self._show("xy_help", gr.Markdown(
+                "A grid of previews with the settings above (models, method, block weights, prompt, seed...). "
+                "Values: `0.2, 0.5, 0.8`, ranges `0-1 (5)` or `1-4`, presets `GRAD_V, GRAD_A`, methods by "
+                "name, a JSON list of recipes. A *seed* axis varies the preview seed without re-merging; "
+                "each distinct merge is done once. The grid and the images go to the output folder's `xy/`."
+                if can else "The XY plot needs previews, and this host cannot generate them."))
+            with gr.Row():
+                self._field("xy_x_kind", gr.Dropdown(kinds, value="alpha", label="X axis", allow_custom_value=True,
+                                                     elem_id=f"{ELEM}xy_x_kind", scale=1))
+                self._field("xy_x_values", gr.Textbox(value="0.2, 0.5, 0.8", label="X values", lines=1,
+                                                      elem_id=f"{ELEM}xy_x_values", scale=3))
+            with gr.Row():
+                self._field("xy_y_kind", gr.Dropdown([F.NONE] + kinds, value=F.NONE, label="Y axis",
+                                                     allow_custom_value=True, elem_id=f"{ELEM}xy_y_kind", scale=1))
+                self._field("xy_y_values", gr.Textbox(value="", label="Y values", lines=1,
+                                                      placeholder="e.g. GRAD_V, GRAD_A (with Y axis: preset)",
+                                                      elem_id=f"{ELEM}xy_y_values", scale=3))
+            with gr.Row():
+                self._field("xy_save_models", gr.Checkbox(
+                    value=False, label="Save each cell's model", elem_id=f"{ELEM}xy_save_models",
+                    info="each distinct merge, to the output folder"))
+                self._show("xy_run", gr.Button("Run XY plot", variant="primary", visible=can,
+                                               elem_id=f"{ELEM}xy_run"))
+            self._show("xy_status", gr.HTML("", elem_id=f"{ELEM}xy_status"))
+            self._show("xy_gallery", gr.Gallery(label="XY plot (the grid, then each cell)", columns=4,
+                                                elem_id=f"{ELEM}xy_gallery"))
 
     def _build_recipe(self) -> None:
         self._field("recipe", gr.Textbox(label="Recipe (JSON) of the last merge — edit or paste one, then Load",
@@ -431,6 +466,7 @@ class MergeTab:
         self._on(c["save"].click, self.on_save, None, merged + ["save_name", *F.SLOTS, "models_more", "base"], **job)
         self._on(c["generate"].click, self.on_generate, None, ["status", "gallery"], **job)
         self._on(c["merge_generate"].click, self.on_merge_generate, None, merged + ["gallery"], **job)
+        self._on(c["xy_run"].click, self.on_xy, None, ["xy_status", "xy_gallery", "current"], **job)
         self._on(c["restore"].click, self.on_restore, [], ["status", "current"])
         self._on(c["interrupt"].click, self.on_interrupt, [], ["status"], **quick)
         self._on(c["load_recipe"].click, self.on_load_recipe, None, everything, **quick)
@@ -712,8 +748,56 @@ class MergeTab:
 
     def on_interrupt(self, v: dict) -> dict:
         self.host.interrupt()
+        self._xy_stop.set()
         return {"status": status_html("busy", "Interrupting: the job stops before its next tensor; "
                                               "nothing is written.")}
+
+    # ---- handlers: XY plot
+    def on_xy(self, v: dict) -> Iterator[dict]:
+        """Build the base recipe (as Merge does) and the axes, then run the plot in a thread, streaming
+        its progress into the XY status line."""
+        from .. import xy
+        try:
+            if not self.host.can_generate:
+                raise MergeError("The XY plot needs previews, and this host cannot generate them.")
+            recipe = F.recipe_from_form(self.host, v, self.archs)
+            x = xy.Axis(v.get("xy_x_kind") or "", v.get("xy_x_values") or "")
+            y_kind = F.slot_value(v.get("xy_y_kind"))
+            y = xy.Axis(y_kind, v.get("xy_y_values") or "") if y_kind else None
+            request = _xy_request(v)
+        except MergeError as e:
+            yield {"xy_status": error_html(e)}
+            return
+        except Exception as e:  # noqa: BLE001
+            yield {"xy_status": status_html("error", _unexpected(e))}
+            return
+        device = v.get("device") or "cpu"
+        save_models = bool(v.get("xy_save_models"))
+        step = [0.0, "Starting"]
+        self._xy_stop.clear()
+
+        def progress(fraction: float, text: str) -> None:
+            step[0], step[1] = fraction, text
+
+        def work():
+            return xy.run_xy(self.host, recipe, x, y, request, save_models=save_models, progress=progress,
+                             cancel=self._xy_stop.is_set, device=device)
+        started = time.monotonic()
+        for done, result in _background(work):
+            if not done:
+                detail = self.host.last_progress[1]
+                yield {"xy_status": busy_html(f"XY plot: {step[1]}", time.monotonic() - started, step[0],
+                                              detail if detail != step[1] else "")}
+            elif isinstance(result, MergeError):
+                yield {"xy_status": error_html(result), "current": gr.update(value=self._current_text())}
+            elif isinstance(result, BaseException):
+                yield {"xy_status": status_html("error", _unexpected(result)),
+                       "current": gr.update(value=self._current_text())}
+            else:
+                gallery = [(result.grid_image, "grid")] + list(zip(result.images, result.labels))
+                yield {"xy_gallery": gr.update(value=gallery), "current": gr.update(value=self._current_text()),
+                       "xy_status": status_html("ok", result.message,
+                                                [f"Saved {p.name}" for p in result.saved_models])}
 
     # ---- handlers: recipes
     def on_load_recipe(self, v: dict) -> dict:
@@ -815,6 +899,18 @@ class MergeTab:
                 choices = masks if field == "mask" else weight_sets
                 yield {field: gr.update(choices=[""] + choices, value=result.name),
                        "status": status_html("ok", f"Wrote {result} and chose it in the Advanced options.")}
+
+
+def _xy_request(v: dict) -> GenerationRequest:
+    """The preview settings of the form, for the XY plot (a seed of -1 becomes one seed for the whole grid)."""
+    try:
+        return GenerationRequest(prompt=v.get("prompt") or "", negative_prompt=v.get("negative") or "",
+                                 seed=int(v.get("gen_seed") if v.get("gen_seed") is not None else -1),
+                                 steps=int(v.get("steps") or 20), cfg_scale=float(v.get("cfg") or 7),
+                                 width=int(v.get("width") or 512), height=int(v.get("height") or 512),
+                                 sampler=v.get("sampler") or "Euler a")
+    except (TypeError, ValueError):
+        raise InputError("The preview settings (seed, steps, CFG, size) must be numbers.") from None
 
 
 def _pairs(text: str) -> dict[str, float]:
