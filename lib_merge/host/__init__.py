@@ -105,6 +105,10 @@ class Host:
         self.loaded = None
         self.current_state = None
 
+    def list_samplers(self) -> list[str]:
+        """Sampler names generate() understands (empty where the host does not generate)."""
+        return []
+
     def generate(self, request: GenerationRequest) -> GenerationResult:
         from ..errors import MergeError
         raise MergeError("Previews need the WebUI (or the standalone image generator, coming in a later version).")

@@ -135,6 +135,12 @@ class StandaloneHost(Host):
         if not self.preview_note and self._generator is not None:
             self._generator.mark_loaded(merged.name, merged.short_hash)
 
+    def list_samplers(self) -> list[str]:
+        if not self.can_generate:
+            return []
+        from ..diffusion import SAMPLER_NAMES
+        return list(SAMPLER_NAMES)
+
     def generate(self, request: GenerationRequest) -> GenerationResult:
         if not self.can_generate:
             return super().generate(request)

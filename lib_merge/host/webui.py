@@ -191,6 +191,10 @@ class WebUIHost(Host):
             self._vae_written = False
 
     # ------------------------------------------------------------------------------------- generation
+    def list_samplers(self) -> list[str]:
+        from modules import sd_samplers
+        return [s.name for s in sd_samplers.all_samplers]
+
     def generate(self, request: GenerationRequest) -> GenerationResult:
         from modules import processing, shared
         p = processing.StableDiffusionProcessingTxt2Img(

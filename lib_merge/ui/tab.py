@@ -364,7 +364,9 @@ class MergeTab:
             with gr.Row():
                 self._field("width", gr.Slider(64, 2048, value=512, step=8, label="Width"))
                 self._field("height", gr.Slider(64, 2048, value=512, step=8, label="Height"))
-                self._field("sampler", gr.Textbox(value="Euler a", label="Sampler"))
+                samplers = self.host.list_samplers() or ["Euler a"]
+                self._field("sampler", gr.Dropdown(choices=samplers, label="Sampler",
+                                                   value="Euler a" if "Euler a" in samplers else samplers[0]))
             with gr.Row():
                 self._show("generate", gr.Button("Generate", elem_id=f"{ELEM}generate"))
                 self._show("merge_generate", gr.Button("Merge & Generate", variant="primary",
