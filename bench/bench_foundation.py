@@ -19,28 +19,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def timed(cmd: list[str], env=None) -> tuple[float, float, str]:
-    """Run under /usr/bin/time -v; returns (wall seconds, peak RSS in GB, stderr tail)."""
-    p = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    err = p.stderr
-    if p.returncode != 0:
-        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", err).group(1)
-    parts = [float(x) for x in wall.split(":")]
-    seconds = parts[-1] + 60 * parts[-2] + (3600 * parts[-3] if len(parts) > 2 else 0)
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1))
-    return seconds, rss_kb * 1024 / 1e9, err[-500:]
+sys.path.insert(0, str(ROOT / "bench"))
+from common import timed  # noqa: E402
 
 
 def main() -> None:
@@ -81,7 +68,7 @@ def main() -> None:
                 shutil.rmtree(cache, ignore_errors=True)
             if os.path.exists(out):
                 os.unlink(out)
-            wall, rss, _ = timed(cmd, env)
+            wall, rss = timed(cmd, env)
             results[key].append((wall, rss))
             print(f"[{rep + 1}/{args.repeat}] {key[0]:9s} {key[1]:15s} {wall:7.2f} s  {rss:5.2f} GB", flush=True)
     if os.path.exists(out):

@@ -50,3 +50,23 @@ def tiny(tmp_path_factory) -> TinyModels:
     t.add("sd1_a_fp16", {k: (v.half() if v.is_floating_point() else v) for k, v in t.state["sd1_a"].items()})
     t.add("sd1_inpaint", make_state_dict("sd1", seed=13, like=t.state["sd1_a"], noise=0.05, variant="inpainting"))
     return t
+
+
+@pytest.fixture(scope="session")
+def runnable_models(tmp_path_factory) -> Path:
+    """A folder with two tiny SD1 checkpoints diffusers can run (r1, r2): previews in tests."""
+    from lib_merge.keysets import make_runnable_state_dict
+    folder = tmp_path_factory.mktemp("runnable")
+    for i in (1, 2):
+        save_state_dict(make_runnable_state_dict("sd1", seed=i), folder / f"r{i}.safetensors")
+    return folder
+
+
+@pytest.fixture
+def previewing_host(runnable_models, tmp_path):
+    """A StandaloneHost over the runnable models, on one torch thread (tiny models: threads cost more)."""
+    from lib_merge.host.standalone import StandaloneHost
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield StandaloneHost(runnable_models, tmp_path / "out")
+    torch.set_num_threads(old)

@@ -3,7 +3,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -11,24 +10,11 @@ from lib_merge import session
 from lib_merge.api import PREFIX, register_routes
 from lib_merge.host import GenerationRequest
 from lib_merge.host.standalone import StandaloneHost
-from lib_merge.keysets import make_runnable_state_dict
-from lib_merge.models import save_state_dict
-
-
-@pytest.fixture(scope="module")
-def runnable(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("runnable")
-    for i in (1, 2):
-        save_state_dict(make_runnable_state_dict("sd1", seed=i), folder / f"r{i}.safetensors")
-    return folder
 
 
 @pytest.fixture
-def host(runnable, tmp_path):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: threads cost more than they bring on 2 cores
-    yield StandaloneHost(runnable, tmp_path / "out")
-    torch.set_num_threads(old)
+def host(previewing_host):
+    return previewing_host
 
 
 def image(host, seed=1):

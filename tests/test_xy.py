@@ -1,15 +1,12 @@
 """XY plot: one merge per distinct recipe, labelled grids, PNGs with infotext, readable errors."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from lib_merge import session, xy
 from lib_merge.errors import MergeError
 from lib_merge.host import GenerationRequest
 from lib_merge.host.standalone import StandaloneHost
-from lib_merge.keysets import make_runnable_state_dict
-from lib_merge.models import save_state_dict
 from lib_merge.weights import preset
 from lib_merge.xy import Axis, run_xy
 
@@ -17,20 +14,9 @@ MODELS = ["r1.safetensors", "r2.safetensors"]
 REQUEST = GenerationRequest(prompt="a cat", steps=2, width=64, height=64, seed=5)
 
 
-@pytest.fixture(scope="module")
-def runnable(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("runnable")
-    for i in (1, 2):
-        save_state_dict(make_runnable_state_dict("sd1", seed=i), folder / f"r{i}.safetensors")
-    return folder
-
-
 @pytest.fixture
-def host(runnable, tmp_path):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny models: threads cost more than they bring
-    yield StandaloneHost(runnable, tmp_path / "out")
-    torch.set_num_threads(old)
+def host(previewing_host):
+    return previewing_host
 
 
 @pytest.fixture
@@ -129,8 +115,8 @@ def test_bad_axes_say_what_is_wrong(host, merges):
     assert merges == [], "nothing is merged before every cell is checked"
 
 
-def test_host_that_cannot_generate(runnable, tmp_path, merges):
-    host = StandaloneHost(runnable, tmp_path / "out", generate=False)
+def test_host_that_cannot_generate(runnable_models, tmp_path, merges):
+    host = StandaloneHost(runnable_models, tmp_path / "out", generate=False)
     with pytest.raises(MergeError, match="cannot generate"):
         run_xy(host, base(host), Axis("alpha", "0.2, 0.8"), None, REQUEST)
     assert merges == []
@@ -175,9 +161,9 @@ def test_tab_runs_the_plot_and_streams_status(host, merges):
     assert len(merges) == 2
 
 
-def test_tab_without_previews_hides_the_run_button(runnable, tmp_path):
+def test_tab_without_previews_hides_the_run_button(runnable_models, tmp_path):
     from lib_merge.ui.tab import make_tab
-    host = StandaloneHost(runnable, tmp_path / "out", generate=False)
+    host = StandaloneHost(runnable_models, tmp_path / "out", generate=False)
     tab = make_tab(host)
     assert tab.c["xy_run"].visible is False
     u = list(tab.on_xy(_tab_values(tab)))
