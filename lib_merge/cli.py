@@ -221,6 +221,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     from .cli_tools import add_tool_commands
     add_tool_commands(sub)  # mask, weights, normalize, noise, report
+    from .lora.cli import add_lora_commands
+    add_lora_commands(sub)  # lora info
 
     d = sub.add_parser("demo", help="create two tiny demo checkpoints and merge them (no downloads)")
     d.add_argument("--dir", default="merge-lab-demo", help="folder for the demo files")
