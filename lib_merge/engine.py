@@ -649,6 +649,30 @@ class MergeResult:
     rewritten: int = 0               # keys written (all of them, or those a live re-merge changed)
 
 
+def _live_plan(live: LiveCache | None, recipe: Recipe, sink: Sink, plan: Plan, mask, device, compute_dtype):
+    """(plan to run, dict to capture terms into or None, kept terms or None, recipe signature).
+
+    With a LiveCache that holds this recipe's terms for this live model, only the merged keys whose
+    per-block values changed are run; otherwise the whole plan, keeping the terms when they fit.
+    """
+    if live is None or not isinstance(sink, TensorSink):
+        return plan, None, None, None
+    signature = LiveCache.signature_of(recipe, device, compute_dtype)
+    if live.reusable(signature, sink.owner):
+        changed = [t for t in plan.tasks if t.action == "merge" and live.params.get(t.key) != t.params]
+        return Plan(plan.arch, plan.method, changed, plan.warnings, plan.n_models), None, live.terms, signature
+    live.clear()
+    need = live.bytes_needed(plan, compute_dtype)
+    if plan.method.finish is None or mask is not None:
+        live.note = "this method (or a mask) needs a full merge on every change"
+    elif need > live.budget_bytes:
+        live.note = (f"re-merges are full merges: keeping this merge's terms needs {need / 2**30:.1f} GiB, "
+                     f"more than the {live.budget_bytes / 2**30:.1f} GiB budget (Settings)")
+    else:
+        return plan, {}, None, signature
+    return plan, None, None, signature
+
+
 def _draft_metadata(recipe: Recipe, refs: list[ModelRef], inputs: list[ModelFile]) -> dict[str, str]:
     saved = [(r.sha256, r.short_hash) for r in refs]
     for i, r in enumerate(refs):  # distinct placeholders: sd_merge_models is keyed by sha256
@@ -739,32 +763,20 @@ def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = 
         # the header's room is sized from a draft of the metadata, with placeholder hashes of the final length
         draft = _draft_metadata(recipe, refs, inputs)
         compute_dtype = dtype_from_name(recipe.compute_dtype)
-        capture, live_terms, run_plan = None, None, plan
-        if live is not None and isinstance(sink, TensorSink):
-            signature = LiveCache.signature_of(recipe, device, compute_dtype)
-            if live.reusable(signature, sink.owner):
-                live_terms = live.terms
-                changed = [t for t in plan.tasks if t.action == "merge" and live.params.get(t.key) != t.params]
-                run_plan = Plan(plan.arch, plan.method, changed, plan.warnings, plan.n_models)
-            else:
-                live.clear()
-                need = live.bytes_needed(plan, compute_dtype)
-                if plan.method.finish is None or mask is not None:
-                    live.note = "this method (or a mask) needs a full merge on every change"
-                elif need > live.budget_bytes:
-                    live.note = (f"re-merges are full merges: keeping this merge's terms needs {need / 2**30:.1f} GiB, "
-                                 f"more than the {live.budget_bytes / 2**30:.1f} GiB budget (Settings)")
-                else:
-                    capture = {}
-        bad = execute(run_plan, inputs, sink, seed=recipe.seed, compute_dtype=compute_dtype,
-                      device=device, threads=threads, chunk_elems=chunk_elems, progress=progress, cancel=cancel,
-                      nonfinite=recipe.nonfinite, mask=mask, metadata_draft=draft, capture=capture,
-                      live_terms=live_terms, open_entries=plan.entries)
-        if live is not None and isinstance(sink, TensorSink):
-            if capture is not None:
-                live.terms, live.signature, live.owner = capture, signature, sink.owner
-            if live.terms:
-                live.params.update({t.key: t.params for t in run_plan.tasks if t.action == "merge"})
+        run_plan, capture, live_terms, signature = _live_plan(live, recipe, sink, plan, mask, device, compute_dtype)
+        try:
+            bad = execute(run_plan, inputs, sink, seed=recipe.seed, compute_dtype=compute_dtype,
+                          device=device, threads=threads, chunk_elems=chunk_elems, progress=progress, cancel=cancel,
+                          nonfinite=recipe.nonfinite, mask=mask, metadata_draft=draft, capture=capture,
+                          live_terms=live_terms, open_entries=plan.entries)
+        except BaseException:
+            if live is not None:
+                live.clear()   # the live tensors are half written: the kept values no longer describe them
+            raise
+        if capture is not None:
+            live.terms, live.signature, live.owner = capture, signature, sink.owner
+        if live is not None and live.terms:
+            live.params.update({t.key: t.params for t in run_plan.tasks if t.action == "merge"})
         if hasher is not None:
             hasher.join()
         warnings = list(plan.warnings)

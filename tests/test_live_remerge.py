@@ -75,3 +75,20 @@ def test_other_changes_are_full_merges_and_budget_is_respected(tiny):
     kw_soup = dict(method="uniform_soup", models=refs(tiny, "sd1_a", "sd1_b"), dtype="float32")
     merge(Recipe(**kw_soup), sink, live=stock)
     assert "full merge" in stock.note
+
+
+def test_a_failed_remerge_forgets_the_kept_terms(tiny):
+    from lib_merge.errors import CancelledError
+    targets = fresh_targets(tiny)
+    sink = TensorSink(targets)
+    live = LiveCache(budget_bytes=1 << 30)
+    kw = dict(method="weighted_sum", models=refs(tiny, "sd1_a", "sd1_b"), dtype="float32")
+    merge(Recipe(**kw, params={"alpha": 0.2}), sink, live=live)
+    assert live.terms
+    with pytest.raises(CancelledError):
+        merge(Recipe(**kw, params={"alpha": 0.7}), sink, live=live, cancel=lambda: True)
+    assert not live.terms, "half-written live tensors must not be patched from stale bookkeeping"
+    r = merge(Recipe(**kw, params={"alpha": 0.2}), sink, live=live)
+    assert r.rewritten == len(targets)
+    want = full({**kw, "params": {"alpha": 0.2}}, tiny)
+    assert all(torch.equal(targets[k], want[k]) for k in targets)
