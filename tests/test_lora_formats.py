@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_merge.errors import MergeError
-from lib_merge.lora import UnsupportedLoraError, delta, open_lora, save_kohya
+from lib_merge.lora import UnsupportedLoraError, open_lora, save_kohya
 from lib_merge.lora import keys as K
 from lib_merge.lora.formats import LoraModule, kohya_hashes
 from lib_merge.lora.info import summary, top_tags
@@ -448,3 +448,41 @@ def test_lora_info_cli_json_and_text(tmp_path):
     bad[f"{SD1_TO_K}.dora_scale"] = torch.ones(320, 1)
     r = _cli("lora", "info", str(write(tmp_path, "dora.safetensors", bad)))
     assert r.returncode == 2 and "DoRA" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ extras
+
+def test_reading_is_lazy_only_alphas_are_read():
+    from lib_merge.lora.formats import read_lora
+    sd = sd1_lora()
+    seen = []
+
+    def reader(key):
+        seen.append(key)
+        return sd[key]
+
+    lf = read_lora({k: tuple(v.shape) for k, v in sd.items()}, reader, {})
+    assert seen and all(k.endswith(".alpha") for k in seen)
+    seen.clear()
+    lf.delta(SD1_TO_K)
+    assert sorted(seen) == [f"{SD1_TO_K}.lora_down.weight", f"{SD1_TO_K}.lora_up.weight"]
+
+
+def test_peft_adapter_names_alpha_keys_and_sdxl_diffusers_naming(tmp_path):
+    pre = "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"   # SDXL, diffusers naming
+    sd = {f"{pre}.lora_A.default.weight": rnd(4, 2048, seed=1), f"{pre}.lora_B.default.weight": rnd(640, 4, seed=2),
+          f"{pre}.alpha": torch.tensor(2.0)}
+    with open_lora(write(tmp_path, "p.safetensors", sd)) as lf:
+        name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k"
+        assert lf.family == "sdxl" and list(lf.modules) == [name]
+        assert lf.modules[name].scale == 0.5
+        assert lf.target(name).key == "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"
+
+
+def test_modules_without_a_checkpoint_key_are_reported(tmp_path):
+    sd = sdxl_lora()
+    add(sd, "lora_unet_input_blocks_11_0_in_layers_2", rnd(2, 320, 3, 3), rnd(320, 2, 1, 1), 1.0)  # SD1-only block
+    with open_lora(write(tmp_path, "w.safetensors", sd)) as lf:
+        assert lf.family == "sdxl"
+        assert any("no key in an sdxl checkpoint" in w for w in lf.warnings)
+        assert summary(lf)["modules_without_checkpoint_key"] == 1

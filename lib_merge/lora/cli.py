@@ -5,7 +5,6 @@ MergeError subclasses (the main CLI prints "error: ..." and exits 2).
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 

@@ -11,7 +11,6 @@ with a warning (A1111 would give scale 0, kohya's trainer uses the rank). Ranks 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import re
