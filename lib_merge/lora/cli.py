@@ -1,4 +1,4 @@
-"""`python -m lib_merge lora ...`: LoRA subcommands (for now `lora info FILE [--json]`).
+"""`python -m lib_merge lora ...`: LoRA subcommands: `info`, `merge`, `bake`.
 
 `add_lora_commands(subparsers)` adds `lora` to the main CLI's argparse subparsers; user errors are
 MergeError subclasses (the main CLI prints "error: ..." and exits 2).
@@ -18,14 +18,61 @@ def cmd_lora_info(args) -> int:
     return 0
 
 
+def cmd_lora_merge(args) -> int:
+    from .merge import merge, parse_lora_arg
+    path = merge([parse_lora_arg(x) for x in args.lora], args.output, mode=args.mode, density=args.density,
+                 seed=args.seed, majority=args.majority, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_lora_bake(args) -> int:
+    from .bake import bake
+    from .merge import parse_lora_arg
+    res = bake(args.model, [parse_lora_arg(x) for x in args.lora], args.output, lbw=args.lbw,
+               dtype=None if args.dtype == "keep" else args.dtype, overwrite=args.overwrite)
+    for w in res.warnings:
+        print(f"warning: {w}")
+    print(f"wrote {res.path} ({len(res.touched)} keys changed)")
+    return 0
+
+
+_LORA_ARG = ("FILE[:WEIGHT] or FILE:W_UNET:W_TE; repeat for each LoRA (weight 1 when left out)")
+
+
 def add_lora_commands(subparsers) -> None:
-    lo = subparsers.add_parser("lora", help="LoRA files: info (more to come)")
+    lo = subparsers.add_parser("lora", help="LoRA files: info, merge, bake")
     sub = lo.add_subparsers(dest="lora_command", required=True)
     i = sub.add_parser("info", help="describe a LoRA: format, architecture, modules, ranks, alphas, tags")
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--tags", type=int, default=20, help="how many top tags to list (default 20)")
     i.set_defaults(func=cmd_lora_info)
+
+    from .merge import MAJORITY, MODES
+    m = sub.add_parser("merge", help="merge LoRAs into one on their up/down factors (concat is exact)")
+    m.add_argument("--mode", choices=MODES, default="concat",
+                   help="concat (exact, ranks add up; default), add (PEFT linear: sums factors, cross terms), "
+                        "ties, dare_linear, dare_ties, magnitude_prune (PEFT, on the factors; equal ranks)")
+    m.add_argument("--lora", action="append", required=True, metavar="FILE[:W]", help=_LORA_ARG)
+    m.add_argument("--density", type=float, default=1.0, help="share of each factor kept (ties/dare/magnitude_prune)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the DARE draws")
+    m.add_argument("--majority", choices=MAJORITY, default="total", help="TIES sign election")
+    m.add_argument("--dtype", default="float16", help="dtype of the written factors (default float16)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    m.add_argument("-o", "--output", required=True, help="output .safetensors")
+    m.set_defaults(func=cmd_lora_merge)
+
+    b = sub.add_parser("bake", help="apply LoRAs into a checkpoint (W + strength·ΔW), streamed")
+    b.add_argument("--model", required=True, help="the checkpoint")
+    b.add_argument("--lora", action="append", required=True, metavar="FILE[:W]", help=_LORA_ARG)
+    b.add_argument("--lbw", default=None, help='block weights for every LoRA: "1,0,..." (17/26 values for '
+                                               'SD1/SD2, 12/20 for SDXL; unlisted blocks 0) or a preset (ALL, INS, ...)')
+    b.add_argument("--dtype", default="float16", help="dtype of float tensors: float16 (default), bfloat16, "
+                                                      "float32, or keep")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    b.add_argument("-o", "--output", required=True, help="output .safetensors")
+    b.set_defaults(func=cmd_lora_bake)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,178 @@
+"""Baking LoRAs into a checkpoint: W' = W + Σ strength · ΔW, streamed one checkpoint key at a time.
+
+For each key of the checkpoint (in file order) the tensor is read lazily; when LoRA modules target it, their
+ΔW (lora.formats.delta, float32) times the strength is added in float32: the UNet strength for `lora_unet_`
+modules, the text-encoder strength for `lora_te*` modules, times the block weight of the module's block when
+block weights are given (lbw.py). SD2's and SDXL's second text encoder fuse q/k/v in `attn.in_proj_weight`:
+the q/k/v modules add into their row thirds. The result is cast to the output dtype and written with
+SafetensorsWriter (or put in a dict). Keys no LoRA touches are written as read (byte-identical when the
+dtype is kept); non-float tensors (position_ids) are never cast. Only one checkpoint tensor and one ΔW are
+in memory at a time (plus what the LoRA files hold: they are read one module at a time).
+
+LoRA modules without a key in this architecture's checkpoints are skipped with a warning (logged and listed in
+the recipe); a module whose ΔW shape does not fit its key is an error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..arch import detect
+from ..errors import ArchitectureMismatchError, InputError
+from ..models import (SafetensorsWriter, check_output_path, dtype_from_name, dtype_name, file_hashes,
+                      open_model)
+from . import keys as K
+from .formats import LoraFile, open_lora
+from .lbw import module_weight, parse_lbw
+from .merge import RECIPE_KEY, LoraInput, as_input, common_family
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Term:
+    lora: int
+    name: str
+    strength: float
+    part: int | None = None      # 0/1/2: q/k/v third of a fused in_proj_weight
+
+
+@dataclass
+class BakeResult:
+    path: Path | None
+    state: dict[str, torch.Tensor] | None
+    touched: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _plan(files: list[LoraFile], inputs: list[LoraInput], lbws: list, family: str, shapes: dict,
+          warnings: list[str]) -> dict[str, list[_Term]]:
+    plan: dict[str, list[_Term]] = {}
+    for i, (lf, inp) in enumerate(zip(files, inputs)):
+        weights = parse_lbw(lbws[i], family) if lbws[i] is not None else None
+        missing = []
+        for name, m in lf.modules.items():
+            target = K.resolve(name, family)
+            if target is None or target.key not in shapes:
+                missing.append(name)
+                continue
+            strength = inp.weight(name) * module_weight(name, family, weights)
+            if strength == 0:
+                continue
+            part = None
+            if target.rows is not None:
+                part = target.rows[0] // (target.rows[1] - target.rows[0])
+            plan.setdefault(target.key, []).append(_Term(i, name, strength, part))
+        if missing and len(missing) == len(lf.modules):
+            raise ArchitectureMismatchError(
+                f"No module of '{inp.path.name}' has a key in this {family.upper()} checkpoint (e.g. {missing[0]}): "
+                f"the LoRA is for another architecture.")
+        if missing:
+            warnings.append(f"'{inp.path.name}': {len(missing)} module(s) have no key in this checkpoint and "
+                            f"were skipped (e.g. {missing[0]}).")
+    return plan
+
+
+def _fit(dw: torch.Tensor, want: tuple[int, ...], name: str, key: str) -> torch.Tensor:
+    if tuple(dw.shape) == want:
+        return dw
+    if dw.numel() == torch.Size(want).numel() and [d for d in dw.shape if d != 1] == [d for d in want if d != 1]:
+        return dw.reshape(want)  # linear vs 1x1 conv (SD1 proj_in/out are convolutions, SD2/SDXL linear)
+    raise InputError(f"LoRA module {name} has ΔW {list(dw.shape)} but checkpoint key {key} is {list(want)}: "
+                     f"the LoRA was made for a different model.")
+
+
+def bake(checkpoint, loras, out=None, *, lbw=None, dtype: str | torch.dtype | None = "float16",
+         overwrite: bool = False) -> BakeResult:
+    """Apply LoRAs into a checkpoint.
+
+    `loras`: list of (path, strength_unet, strength_te), (path, strength), LoraInput or "FILE[:W[:W_TE]]".
+    `out`: a .safetensors path (streamed, atomic), or None for an in-memory state dict (BakeResult.state).
+    `lbw`: block weights for every LoRA (preset name, "1,0,..." text, list or {block: w}) or a list with one
+    entry (or None) per LoRA. `dtype`: output dtype of float tensors ("float16", "bfloat16", "float32"), None
+    to keep each tensor's own dtype. Metadata: `merge_lab_recipe` (JSON: base model name and sha256, each
+    LoRA's name, sha256, strengths and block weights, the dtype, skipped modules)."""
+    inputs = [as_input(x) for x in loras]
+    if not inputs:
+        raise InputError("Give at least one LoRA to bake.")
+    lbws = list(lbw) if isinstance(lbw, list) and len(lbw) == len(inputs) and (
+        not lbw or not isinstance(lbw[0], (int, float))) else [lbw] * len(inputs)
+    out_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    ckpt = Path(checkpoint)
+    if out is not None:
+        out = check_output_path(Path(out), [ckpt] + [i.path for i in inputs], overwrite)
+    warnings: list[str] = []
+    mf = open_model(ckpt)
+    files: list[LoraFile] = []
+    writer = None
+    try:
+        shapes = {k: tuple(info.shape) for k, info in mf.tensors.items()}
+        arch = detect(shapes, ckpt.name)
+        for i in inputs:
+            files.append(open_lora(i.path))
+        names = [i.path.name for i in inputs]
+        common_family(files, names, extra=(ckpt.name, arch.family))
+        for lf, name in zip(files, names):
+            if lf.family is None:
+                warnings.append(f"'{name}' does not say which architecture it is for; applied as "
+                                f"{arch.label} by its module names.")
+        plan = _plan(files, inputs, lbws, arch.family, shapes, warnings)
+        for w in warnings:
+            log.warning(w)
+
+        def out_dt(info_dtype: torch.dtype) -> torch.dtype:
+            if out_dtype is None or not info_dtype.is_floating_point:
+                return info_dtype
+            return out_dtype
+
+        entries = [(k, out_dt(info.dtype), tuple(info.shape)) for k, info in mf.tensors.items()]
+        recipe = {
+            "format": 1, "tool": "lora bake",
+            "model": {"name": ckpt.name, "sha256": file_hashes(ckpt)["sha256"]},
+            "loras": [{"name": inp.path.name, "sha256": file_hashes(inp.path)["sha256"],
+                       "strength_unet": inp.w_unet, "strength_te": inp.w_te,
+                       "lbw": lbws[i] if not isinstance(lbws[i], dict) else dict(lbws[i])}
+                      for i, inp in enumerate(inputs)],
+            "dtype": dtype_name(out_dtype) if out_dtype is not None else "keep",
+            "architecture": arch.family, "keys_changed": len(plan), "warnings": warnings,
+        }
+        meta = {RECIPE_KEY: json.dumps(recipe)}
+        state: dict[str, torch.Tensor] | None = None
+        if out is None:
+            state = {}
+        else:
+            writer = SafetensorsWriter(out, entries, meta)
+        for key, odt, shape in entries:
+            t = mf.read(key)
+            terms = plan.get(key)
+            if terms:
+                w = t.to(torch.float32)   # a fresh float32 copy (or the float32 tensor itself: cloned below)
+                if w.data_ptr() == t.data_ptr():
+                    w = w.clone()
+                for term in terms:
+                    dw = files[term.lora].delta(term.name)
+                    if term.part is None:
+                        w += term.strength * _fit(dw, tuple(w.shape), term.name, key)
+                    else:
+                        d = w.shape[0] // 3
+                        rows = w[term.part * d:(term.part + 1) * d]
+                        rows += term.strength * _fit(dw, tuple(rows.shape), term.name, key)
+                t = w
+            t = t.to(odt)
+            if state is not None:
+                state[key] = t
+            else:
+                writer.write(key, t)
+        path = writer.commit(meta) if writer is not None else None
+        writer = None
+        return BakeResult(path, state, sorted(plan), warnings)
+    finally:
+        if writer is not None:
+            writer.abort()
+        for lf in files:
+            lf.close()
+        mf.close()
