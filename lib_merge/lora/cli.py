@@ -1,4 +1,5 @@
-"""`python -m lib_merge lora ...`: LoRA subcommands: `info`, `merge`, `bake`.
+"""`python -m lib_merge lora ...`: LoRA subcommands: `info`, `merge`, `bake` (and `extract`, `resize`,
+`merge-svd` from cli_svd.py).
 
 `add_lora_commands(subparsers)` adds `lora` to the main CLI's argparse subparsers; user errors are
 MergeError subclasses (the main CLI prints "error: ..." and exits 2).
@@ -41,7 +42,7 @@ _LORA_ARG = ("FILE[:WEIGHT] or FILE:W_UNET:W_TE; repeat for each LoRA (weight 1 
 
 
 def add_lora_commands(subparsers) -> None:
-    lo = subparsers.add_parser("lora", help="LoRA files: info, merge, bake")
+    lo = subparsers.add_parser("lora", help="LoRA files: info, merge, bake, extract, resize, merge-svd")
     sub = lo.add_subparsers(dest="lora_command", required=True)
     i = sub.add_parser("info", help="describe a LoRA: format, architecture, modules, ranks, alphas, tags")
     i.add_argument("file")
@@ -73,6 +74,9 @@ def add_lora_commands(subparsers) -> None:
     b.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     b.add_argument("-o", "--output", required=True, help="output .safetensors")
     b.set_defaults(func=cmd_lora_bake)
+
+    from .cli_svd import add_svd_commands
+    add_svd_commands(sub)  # extract, resize, merge-svd (cli_svd.py)
 
 
 def main(argv: list[str] | None = None) -> int:

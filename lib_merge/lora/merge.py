@@ -203,7 +203,7 @@ def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "c
         for i, m in zip(idx, mods):
             if m.kind not in ("lora", "locon"):
                 raise InputError(f"'{names[i]}': module {name} is {m.kind}, which has no up/down factors; "
-                                 f"use the SVD merge for LoHa/LoKr.")
+                                 f"use the SVD merge (`lora merge-svd`) for LoHa/LoKr.")
         shapes = {m.shape for m in mods}
         if len(shapes) > 1:
             raise InputError(f"Module {name} has different ΔW shapes in "
@@ -224,7 +224,7 @@ def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "c
             detail = ", ".join(f"'{names[i]}' rank {m.rank}" for i, m in zip(idx, mods))
             raise RankMismatchError(
                 f"Mode '{mode}' merges the up/down factors, which needs equal ranks, but module {name} has "
-                f"{detail}. Use --mode concat (exact, ranks add up) or the SVD merge (any ranks).")
+                f"{detail}. Use --mode concat (exact, ranks add up) or the SVD merge (`lora merge-svd`, any ranks).")
         gen_d = generator_for(seed, name + ".lora_down", "lora_merge") if mode.startswith("dare") else None
         gen_u = generator_for(seed, name + ".lora_up", "lora_merge") if mode.startswith("dare") else None
         down = combine(downs, w_down, mode, density=density, majority=majority, gen=gen_d)
