@@ -373,3 +373,20 @@ def test_cli_merge_and_bake(tiny, tmp_path, sd1_pair):
     assert r.returncode == 2 and "17 or 26" in r.stderr
     r = run_cli("info", out)
     assert r.returncode == 0
+
+
+def test_bake_loha_module_and_dtype_keep(tiny, tmp_path):
+    from lib_merge.models import save_state_dict
+    base = tiny.state["sd1_a"]
+    name = SD1["to_k"]
+    out_, in_ = delta_shape(base, "sd1", name)
+    g = torch.Generator().manual_seed(9)
+    sd = {f"{name}.hada_w1_a": torch.randn(out_, 2, generator=g), f"{name}.hada_w1_b": torch.randn(2, in_, generator=g),
+          f"{name}.hada_w2_a": torch.randn(out_, 2, generator=g), f"{name}.hada_w2_b": torch.randn(2, in_, generator=g),
+          f"{name}.alpha": torch.tensor(1.0)}
+    p = save_state_dict(sd, tmp_path / "loha.safetensors", {"ss_base_model_version": "sd_v1"})
+    res = bake(tiny.path["sd1_a"], [(p, 0.5, 1.0)], None, dtype=None)
+    dw = (sd[f"{name}.hada_w1_a"] @ sd[f"{name}.hada_w1_b"]) * (sd[f"{name}.hada_w2_a"] @ sd[f"{name}.hada_w2_b"]) * 0.5
+    key = K.module_map("sd1")[name].key
+    torch.testing.assert_close(res.state[key], base[key] + 0.5 * dw, rtol=1e-5, atol=1e-5)
+    assert all(v.dtype == base[k].dtype for k, v in res.state.items())
