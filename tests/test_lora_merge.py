@@ -390,3 +390,18 @@ def test_bake_loha_module_and_dtype_keep(tiny, tmp_path):
     key = K.module_map("sd1")[name].key
     torch.testing.assert_close(res.state[key], base[key] + 0.5 * dw, rtol=1e-5, atol=1e-5)
     assert all(v.dtype == base[k].dtype for k, v in res.state.items())
+
+
+def test_bake_sd2_fused_qkv(tiny, tmp_path):
+    base = tiny.state["sd2_a"]
+    k_name = "lora_te_text_model_encoder_layers_0_self_attn_k_proj"
+    names = [k_name, "lora_unet_down_blocks_1_attentions_0_proj_in"]
+    mods = make_modules(base, "sd2", names, rank=2, seed=4)
+    p = write_lora(tmp_path, "sd2.safetensors", mods, "sd2")
+    res = bake(tiny.path["sd2_a"], [(p, 1.0, -0.6)], None, dtype="float32")
+    want = expected_bake(base, "sd2", [(mods, 1.0, -0.6)])
+    key = K.module_map("sd2")[k_name].key
+    d = base[key].shape[0] // 3
+    assert torch.equal(res.state[key][:d], base[key][:d]) and torch.equal(res.state[key][2 * d:], base[key][2 * d:])
+    for k in res.touched:
+        torch.testing.assert_close(res.state[k], want[k], rtol=1e-5, atol=1e-5)
