@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_merge.errors import ArchitectureMismatchError, MergeError
+from lib_merge.errors import ArchitectureMismatchError, MergeError, OutputError
 from lib_merge.keysets import make_state_dict
 from lib_merge.lora import open_lora
 from lib_merge.lora.cli_svd import add_svd_commands, parse_lora_arg
@@ -318,3 +318,16 @@ def test_parse_lora_arg():
     assert parse_lora_arg("a.safetensors:0.5") == ("a.safetensors", 0.5, None)
     assert parse_lora_arg("a.safetensors:0.5:-1") == ("a.safetensors", 0.5, -1.0)
     assert parse_lora_arg("C:/x/a.safetensors:2") == ("C:/x/a.safetensors", 2.0, None)
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, sd1_pair):
+    d, _ = sd1_pair
+    a = _lora(tmp_path / "a.safetensors", 0)
+    (tmp_path / "taken.safetensors").write_bytes(b"x")
+    for call in (lambda o: resize(a, o, rank=2), lambda o: merge_svd([(a, 1.0)], o, rank=2),
+                 lambda o: extract(d / "base.safetensors", d / "tuned.safetensors", o, 2)):
+        for out in (tmp_path / "taken.safetensors", a, tmp_path / "x.ckpt"):
+            with pytest.raises(OutputError):
+                call(out)
+    with pytest.raises(OutputError):
+        extract(d / "base.safetensors", d / "tuned.safetensors", d / "base.safetensors", 2)

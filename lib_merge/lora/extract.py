@@ -91,10 +91,8 @@ def extract(base_path, tuned_path, out_path, rank: int, conv_rank: int | None = 
     from .formats import save_kohya
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise SvdError("The rank and conv rank must be at least 1.")
-    out_path = Path(out_path)
-    for p in (base_path, tuned_path):
-        if out_path.exists() and out_path.resolve() == Path(p).resolve():
-            raise InputError(f"The output '{out_path}' is one of the inputs; choose another name.")
+    from ..models import check_output_path
+    out_path = check_output_path(Path(out_path), [Path(base_path), Path(tuned_path)], overwrite)   # before any work
     with open_model(base_path) as base, open_model(tuned_path) as tuned:
         shapes_b = {k: i.shape for k, i in base.tensors.items()}
         shapes_t = {k: i.shape for k, i in tuned.tensors.items()}

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
 from .svd import SvdError, max_rank as _max_rank, svd_top
 
 RULES = ("sv_ratio", "sv_cumulative", "sv_fro")
@@ -82,9 +81,8 @@ def resize(lora_path, out, rank: int | None = None, dynamic: str | None = None, 
         if v is not None and v < 1:
             raise SvdError(f"The {what} must be at least 1 (got {v}).")
     rule = parse_dynamic(dynamic) if dynamic else None
-    out = Path(out)
-    if out.exists() and out.resolve() == Path(lora_path).resolve():
-        raise InputError(f"The output '{out}' is the input; choose another name.")
+    from ..models import check_output_path
+    out = check_output_path(Path(out), [Path(lora_path)], overwrite)   # before any work
     result = None
     with open_lora(lora_path) as lf:
         result = ResizeResult(Path(out), lf.family, warnings=list(lf.warnings))

@@ -215,10 +215,8 @@ def merge_svd(loras, out_path, *, mode: str = "add", density: float = 1.0, rank:
         raise SvdError(f"density must be in (0, 1] (got {density}).")
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise SvdError("The rank and conv rank must be at least 1.")
-    out_path = Path(out_path)
-    for x in inputs:
-        if out_path.exists() and Path(x.path).exists() and out_path.resolve() == Path(x.path).resolve():
-            raise SvdError(f"The output '{out_path}' is one of the inputs; choose another name.")
+    from ..models import check_output_path
+    out_path = check_output_path(Path(out_path), [Path(x.path) for x in inputs], overwrite)   # before any work
     files = []
     try:
         for x in inputs:
