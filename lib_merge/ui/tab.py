@@ -207,6 +207,9 @@ class MergeTab:
                 with gr.Column(scale=2):
                     self._build_actions()
                     self._build_recipe()
+            with gr.Accordion("LoRA tools", open=False, elem_id=f"{ELEM}lora_tools"):
+                from .lora_tab import LoraTools   # its own widgets, handlers and status lines (lora_tab.py)
+                self.lora_tools = LoraTools(self.host)
             self._wire()
         return blocks
 

@@ -1,0 +1,524 @@
+"""The "LoRA tools" section of the Merge tab: info, merge, resize, extract and bake (lib_merge/lora/).
+
+Built inside the tab's Blocks (an accordion at its end) by `LoraTools(host)`. The widgets follow the tab's
+conventions: field names (all starting `lora_`), handlers that take {name: value} and return
+{name: gr.update(...)}, long work in a thread (tab._background) with the section's own status line, and
+errors as sentences (MergeError), never a stack trace.
+
+LoRA names are those of host.list_loras(): paths relative to the host's LoRA folder. They are turned into
+paths here (`lora_path`): the folder joined with the name, refusing '..', absolute paths and anything that
+would land outside the folder, so a typed name can never reach another file. Outputs are plain file names
+(models.safe_output_path) in the host's output folder, or (for LoRAs) its LoRA folder.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+
+from ..errors import InputError, MergeError
+from ..host import Host
+from .tab import ELEM, _background, _unexpected, busy_html, error_html, status_html
+
+log = logging.getLogger("merge_lab.ui")
+
+LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+FACTOR_MODES = ("concat", "add", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_MODES = ("svd_add", "svd_ties", "svd_dare_linear", "svd_dare_ties", "svd_magnitude_prune")
+MODES = FACTOR_MODES + SVD_MODES
+MODE_HELP = ("concat: exact weighted sum (ranks add up) · add/ties/dare/magnitude_prune: on the up/down factors "
+             "(equal ranks) · svd_*: on the full ΔW, then factorised to the rank (any ranks, LoHa/LoKr too)")
+DTYPES = ("float16", "bfloat16", "float32")
+WHERE = ("LoRA folder", "output folder")
+LBW_PRESETS = ("", "ALL", "NONE", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL", "ALL0.5")
+FAMILY_LABEL = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+
+
+# --------------------------------------------------------------------------------------- names, paths
+def lora_folder(host: Host) -> Path:
+    """The host's LoRA folder (StandaloneHost.lora_dir; a host may give it as an attribute or a method)."""
+    folder = getattr(host, "lora_dir", None)
+    if callable(folder):
+        folder = folder()
+    if not folder:
+        raise InputError("This host does not say where its LoRA folder is, so LoRAs cannot be chosen here.")
+    return Path(folder).expanduser().resolve()
+
+
+def lora_path(host: Host, name: str) -> Path:
+    """A LoRA name (relative to the LoRA folder, as host.list_loras() gives it) -> its file, refusing any
+    name that would leave the folder."""
+    name = (name or "").strip()
+    if not name:
+        raise InputError("Choose a LoRA.")
+    rel = PurePosixPath(name.replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or ":" in name or any(ord(c) < 32 for c in name):
+        raise InputError(f"'{name}' is not a LoRA name: give a file in the LoRA folder (no '..', no absolute "
+                         f"path).")
+    folder = lora_folder(host)
+    path = (folder / rel).resolve()
+    if not path.is_relative_to(folder):
+        raise InputError(f"'{name}' points outside the LoRA folder {folder}.")
+    if path.suffix.lower() not in LORA_SUFFIXES:
+        raise InputError(f"'{name}' is not a LoRA file ({', '.join(LORA_SUFFIXES)}).")
+    if not path.is_file():
+        raise InputError(f"'{name}' is not in the LoRA folder {folder}: put the file there and press Refresh.")
+    return path
+
+
+def parse_lora_lines(host: Host, text: str) -> list[tuple[Path, float, float, str]]:
+    """'name:weight' (or 'name', 'name:w_unet:w_te') per line -> [(path, w_unet, w_te, name)]."""
+    from ..lora.merge import parse_lora_arg
+    out = []
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            item = parse_lora_arg(line)
+        except InputError as e:
+            raise InputError(f"Line '{line}': {e}") from None
+        name = str(item.path).strip()
+        out.append((lora_path(host, name), item.w_unet, item.w_te, name))
+    if not out:
+        raise InputError("List at least one LoRA, one per line as name:weight (e.g. style.safetensors:0.8).")
+    return out
+
+
+def _int(v, what: str, minimum: int = 0) -> int:
+    try:
+        x = int(float(v))
+    except (TypeError, ValueError):
+        raise InputError(f"The {what} must be a whole number.") from None
+    if x < minimum:
+        raise InputError(f"The {what} must be at least {minimum} (got {x}).")
+    return x
+
+
+def _stem(name: str) -> str:
+    return PurePosixPath(str(name).replace("\\", "/")).stem
+
+
+# -------------------------------------------------------------------------------------------- info text
+def info_markdown(info: dict) -> str:
+    """lora.info.summary as Markdown: format, architecture, parts with ranks, parameters, ss_* fields, tags."""
+    arch = FAMILY_LABEL.get(info["architecture"], "unknown")
+    lines = [f"**Format:** {info['format']} ({', '.join(info['algorithms'])})  ",
+             f"**Architecture:** {arch} — {'; '.join(info['architecture_evidence']) or 'no evidence'}  ",
+             f"**Modules:** {info['modules']}, **parameters:** {info['parameters']:,}", "",
+             "| part | modules | ranks | alphas | kinds | 3x3 convs | parameters |", "|---|---|---|---|---|---|---|"]
+    for part, p in info["parts"].items():
+        kinds = ", ".join(f"{k} {n}" for k, n in p["kinds"].items())
+        lines.append(f"| {part} | {p['modules']} | {', '.join(map(str, p['ranks']))} | "
+                     f"{', '.join(map(str, p['alphas']))} | {kinds} | {p['conv3x3_modules']} | {p['parameters']:,} |")
+    if info.get("modules_without_checkpoint_key"):
+        lines += ["", f"Modules without a checkpoint key: {info['modules_without_checkpoint_key']}"]
+    if info["metadata"]:
+        lines += ["", "**Training fields:**", ""]
+        for k, v in info["metadata"].items():
+            v = str(v) if len(str(v)) <= 120 else str(v)[:117] + "..."
+            lines.append(f"- `{k}`: {v.replace('|', '/')}")
+    if info["top_tags"]:
+        lines += ["", "**Top tags:** " + ", ".join(f"{t} ({n})" for t, n in info["top_tags"])]
+    for w in info["warnings"]:
+        lines.append(f"\n⚠ {w}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- section
+class LoraTools:
+    """The section's widgets (self.c, by field name) and handlers; built inside the current gr.Blocks."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.c: dict[str, Any] = {}
+        self.fields: list[str] = []
+        self._build()
+        self._wire()
+
+    # ---- helpers (the tab's conventions)
+    def _field(self, name: str, component):
+        self.c[name] = component
+        self.fields.append(name)
+        return component
+
+    def _show(self, name: str, component):
+        self.c[name] = component
+        return component
+
+    def values(self) -> dict[str, Any]:
+        return {n: self.c[n].value for n in self.fields}
+
+    def _on(self, event, fn, inputs: list[str] | None, outputs: list[str], **kw) -> None:
+        in_comps = [self.c[n] for n in (self.fields if inputs is None else inputs)]
+        outs = [self.c[n] for n in outputs]
+        allowed = set(outputs)
+        names = {id(c): n for n, c in self.c.items()}
+
+        def named(data) -> dict:
+            return {names[id(c)]: v for c, v in (data or {}).items()}
+
+        def by_component(updates: dict) -> dict:
+            mapped = {self.c[n]: u for n, u in updates.items() if n in allowed}
+            return mapped or {outs[0]: gr.update()}
+
+        if inspect.isgeneratorfunction(fn):
+            def handler(data=None):
+                for updates in fn(named(data)):
+                    yield by_component(updates)
+        else:
+            def handler(data=None):
+                return by_component(fn(named(data)))
+        handler.__name__ = fn.__name__
+        event(handler, inputs=set(in_comps) or None, outputs=outs, **kw)
+
+    def _loras(self, refresh: bool = False) -> list[str]:
+        try:
+            return list(self.host.list_loras(refresh=refresh))
+        except Exception:  # noqa: BLE001 - a host without LoRAs: an empty list, the handlers explain
+            log.exception("Merge Lab: listing LoRAs failed")
+            return []
+
+    # ---- layout
+    def _build(self) -> None:
+        loras = self._loras()
+        ckpts = self.host.list_checkpoints()
+        self._show("lora_help", gr.Markdown(
+            "Inspect, merge, resize, extract and bake LoRAs. LoRAs are the files of the LoRA folder; results "
+            "are written as new files (never over an input)."))
+        with gr.Row():
+            self._field("lora_where", gr.Radio(list(WHERE), value=WHERE[0], label="Write new LoRAs to",
+                                               elem_id=f"{ELEM}lora_where"))
+            self._field("lora_dtype", gr.Dropdown(list(DTYPES), value="float16", label="LoRA tools output dtype",
+                                                  elem_id=f"{ELEM}lora_dtype"))
+            self._field("lora_overwrite", gr.Checkbox(value=False, label="LoRA tools: overwrite an existing file",
+                                                      elem_id=f"{ELEM}lora_overwrite"))
+            self._show("lora_refresh", gr.Button("Refresh LoRA lists", size="sm", elem_id=f"{ELEM}lora_refresh"))
+
+        with gr.Tab("Info"):
+            self._field("lora_info_name", gr.Dropdown(choices=loras, value=None, label="LoRA to inspect",
+                                                      elem_id=f"{ELEM}lora_info_name"))
+            self._show("lora_info", gr.Markdown("", elem_id=f"{ELEM}lora_info"))
+
+        with gr.Tab("Merge LoRAs"):
+            with gr.Row():
+                self._field("lora_merge_add", gr.Dropdown(choices=loras, value=None, label="Add a LoRA to the list",
+                                                          elem_id=f"{ELEM}lora_merge_add", scale=1))
+                self._field("lora_merge_list", gr.Textbox(
+                    label="LoRAs to merge (name:weight per line)", lines=4, scale=3,
+                    placeholder="style.safetensors:0.8\nsub/character.safetensors:1:0.5   (UNet weight, text-encoder weight)",
+                    elem_id=f"{ELEM}lora_merge_list"))
+            with gr.Row():
+                self._field("lora_merge_mode", gr.Dropdown(list(MODES), value="concat", label="LoRA merge mode",
+                                                           info=MODE_HELP, elem_id=f"{ELEM}lora_merge_mode"))
+                self._field("lora_merge_density", gr.Slider(0, 1, value=1.0, step=0.01, label="LoRA merge density",
+                                                            info="share kept by ties/dare/magnitude_prune"))
+                self._field("lora_merge_seed", gr.Number(value=0, precision=0, label="LoRA merge seed",
+                                                         info="DARE's random drops"))
+            with gr.Row():
+                self._field("lora_merge_rank", gr.Number(value=32, precision=0, label="SVD rank",
+                                                         info="svd_* modes"))
+                self._field("lora_merge_conv_rank", gr.Number(value=0, precision=0, label="SVD conv rank",
+                                                              info="3x3 convs; 0: the rank"))
+                self._field("lora_merge_name", gr.Textbox(label="Merged LoRA file name",
+                                                          placeholder="lora_merge_concat",
+                                                          elem_id=f"{ELEM}lora_merge_name"))
+            self._show("lora_merge_run", gr.Button("Merge LoRAs", variant="primary", elem_id=f"{ELEM}lora_merge_run"))
+            self._show("lora_merge_status", gr.HTML("", elem_id=f"{ELEM}lora_merge_status"))
+
+        with gr.Tab("Resize"):
+            with gr.Row():
+                self._field("lora_resize_name", gr.Dropdown(choices=loras, value=None, label="LoRA to resize",
+                                                            elem_id=f"{ELEM}lora_resize_name"))
+                self._field("lora_resize_rank", gr.Number(value=16, precision=0, label="New rank",
+                                                          info="0: none (use the rule)"))
+                self._field("lora_resize_rule", gr.Textbox(label="Dynamic rule", placeholder="sv_fro:0.9",
+                                                           info="sv_ratio:X, sv_cumulative:X or sv_fro:X; "
+                                                                "capped by the rank when both are given"))
+                self._field("lora_resize_conv_rank", gr.Number(value=0, precision=0, label="Resize conv rank",
+                                                               info="3x3 convs; 0: the rank"))
+            self._field("lora_resize_out", gr.Textbox(label="Resized LoRA file name", placeholder="(name)_r16"))
+            self._show("lora_resize_run", gr.Button("Resize", variant="primary", elem_id=f"{ELEM}lora_resize_run"))
+            self._show("lora_resize_status", gr.HTML("", elem_id=f"{ELEM}lora_resize_status"))
+
+        with gr.Tab("Extract"):
+            with gr.Row():
+                self._field("lora_extract_base", gr.Dropdown(choices=ckpts, value=None, label="Base checkpoint",
+                                                             elem_id=f"{ELEM}lora_extract_base"))
+                self._field("lora_extract_tuned", gr.Dropdown(choices=ckpts, value=None, label="Tuned checkpoint",
+                                                              elem_id=f"{ELEM}lora_extract_tuned"))
+            with gr.Row():
+                self._field("lora_extract_rank", gr.Number(value=32, precision=0, label="Extract rank"))
+                self._field("lora_extract_conv_rank", gr.Number(value=0, precision=0, label="Extract conv rank",
+                                                                info="0: no resnet (3x3) modules, as kohya"))
+                self._field("lora_extract_out", gr.Textbox(label="Extracted LoRA file name",
+                                                           placeholder="(tuned)_extract_r32"))
+            self._show("lora_extract_run", gr.Button("Extract", variant="primary",
+                                                     elem_id=f"{ELEM}lora_extract_run"))
+            self._show("lora_extract_status", gr.HTML("", elem_id=f"{ELEM}lora_extract_status"))
+
+        with gr.Tab("Bake into a checkpoint"):
+            with gr.Row():
+                self._field("lora_bake_ckpt", gr.Dropdown(choices=ckpts, value=None, label="Checkpoint to bake into",
+                                                          elem_id=f"{ELEM}lora_bake_ckpt"))
+                self._field("lora_bake_add", gr.Dropdown(choices=loras, value=None, label="Add a LoRA to bake",
+                                                         elem_id=f"{ELEM}lora_bake_add"))
+            self._field("lora_bake_list", gr.Textbox(
+                label="LoRAs to bake (name:strength per line)", lines=3,
+                placeholder="style.safetensors:0.8\ncharacter.safetensors:1:0.5   (UNet strength, text-encoder strength)",
+                elem_id=f"{ELEM}lora_bake_list"))
+            with gr.Row():
+                self._field("lora_bake_preset", gr.Dropdown(list(LBW_PRESETS), value="", label="LBW preset"))
+                self._field("lora_bake_lbw", gr.Textbox(
+                    label="Block weights (LBW)", placeholder="empty: none; a preset, or 17/26 numbers (SDXL 12/20)",
+                    info="one strength per block for every LoRA (BASE is the text encoder)",
+                    elem_id=f"{ELEM}lora_bake_lbw"))
+            self._field("lora_bake_out", gr.Textbox(label="Baked checkpoint file name",
+                                                    placeholder="(checkpoint)_(lora)", elem_id=f"{ELEM}lora_bake_out"))
+            self._show("lora_bake_run", gr.Button("Bake", variant="primary", elem_id=f"{ELEM}lora_bake_run"))
+            self._show("lora_bake_status", gr.HTML("", elem_id=f"{ELEM}lora_bake_status"))
+
+    def _wire(self) -> None:
+        c = self.c
+        quick = dict(queue=False, show_progress="hidden")
+        job = dict(show_progress="minimal")
+        self._on(c["lora_refresh"].click, self.on_refresh, [], self.list_fields(), **quick)
+        self._on(c["lora_info_name"].change, self.on_info, ["lora_info_name"], ["lora_info"], **quick)
+        self._on(c["lora_merge_add"].change, self.on_merge_add, ["lora_merge_add", "lora_merge_list"],
+                 ["lora_merge_list", "lora_merge_add"], **quick)
+        self._on(c["lora_bake_add"].change, self.on_bake_add, ["lora_bake_add", "lora_bake_list"],
+                 ["lora_bake_list", "lora_bake_add"], **quick)
+        self._on(c["lora_bake_preset"].change, self.on_bake_preset, ["lora_bake_preset"], ["lora_bake_lbw"], **quick)
+        lists = self.list_fields()
+        self._on(c["lora_merge_run"].click, self.on_merge, None, ["lora_merge_status", *lists], **job)
+        self._on(c["lora_resize_run"].click, self.on_resize, None, ["lora_resize_status", *lists], **job)
+        self._on(c["lora_extract_run"].click, self.on_extract, None, ["lora_extract_status", *lists], **job)
+        self._on(c["lora_bake_run"].click, self.on_bake, None, ["lora_bake_status", *lists], **job)
+
+    @staticmethod
+    def list_fields() -> list[str]:
+        return ["lora_info_name", "lora_merge_add", "lora_resize_name", "lora_bake_add",
+                "lora_extract_base", "lora_extract_tuned", "lora_bake_ckpt"]
+
+    # ---- quick handlers
+    def on_refresh(self, v: dict | None = None) -> dict:
+        loras = self._loras(refresh=True)
+        ckpts = self.host.list_checkpoints(refresh=True)
+        return {**{n: gr.update(choices=loras) for n in ("lora_info_name", "lora_merge_add", "lora_resize_name",
+                                                          "lora_bake_add")},
+                **{n: gr.update(choices=ckpts) for n in ("lora_extract_base", "lora_extract_tuned", "lora_bake_ckpt")}}
+
+    def on_info(self, v: dict) -> dict:
+        from ..lora.info import describe
+        name = v.get("lora_info_name")
+        if not name:
+            return {"lora_info": gr.update(value="")}
+        try:
+            info = describe(lora_path(self.host, name), tags=20)
+        except MergeError as e:
+            return {"lora_info": gr.update(value=f"⚠ {e}")}
+        except Exception as e:  # noqa: BLE001
+            return {"lora_info": gr.update(value=f"⚠ {_unexpected(e)}")}
+        return {"lora_info": gr.update(value=info_markdown(info))}
+
+    @staticmethod
+    def _append(text: str, name: str | None) -> str:
+        if not name:
+            return text or ""
+        text = (text or "").rstrip("\n")
+        return (text + "\n" if text else "") + f"{name}:1"
+
+    def on_merge_add(self, v: dict) -> dict:
+        if not v.get("lora_merge_add"):
+            return {}
+        return {"lora_merge_list": gr.update(value=self._append(v.get("lora_merge_list"), v["lora_merge_add"])),
+                "lora_merge_add": gr.update(value=None)}
+
+    def on_bake_add(self, v: dict) -> dict:
+        if not v.get("lora_bake_add"):
+            return {}
+        return {"lora_bake_list": gr.update(value=self._append(v.get("lora_bake_list"), v["lora_bake_add"])),
+                "lora_bake_add": gr.update(value=None)}
+
+    def on_bake_preset(self, v: dict) -> dict:
+        name = v.get("lora_bake_preset")
+        return {"lora_bake_lbw": gr.update(value=name)} if name else {}
+
+    # ---- outputs
+    def _lora_out(self, v: dict, name: str) -> Path:
+        """A new LoRA's path: a plain file name in the LoRA folder or the output folder."""
+        from ..models import safe_output_path
+        folder = self.host.output_dir() if v.get("lora_where") == WHERE[1] else lora_folder(self.host)
+        folder.mkdir(parents=True, exist_ok=True)
+        return safe_output_path(folder, name)
+
+    def _check_out(self, v: dict, path: Path, inputs: list[Path]) -> Path:
+        from ..models import check_output_path
+        return check_output_path(path, inputs, bool(v.get("lora_overwrite")))
+
+    def _dtype(self, v: dict):
+        from ..models import dtype_from_name
+        return dtype_from_name(v.get("lora_dtype") or "float16")
+
+    def _job(self, status: str, title: str, prepare: Callable[[], Callable[[], str]],
+             step: list | None = None) -> Iterator[dict]:
+        """Check the inputs (prepare, at once), then run the work it returns in a thread, streaming the status
+        line; the work returns the success message (warnings after a newline each)."""
+        try:
+            work = prepare()
+        except MergeError as e:
+            yield {status: error_html(e)}
+            return
+        except Exception as e:  # noqa: BLE001
+            yield {status: status_html("error", _unexpected(e))}
+            return
+        started = time.monotonic()
+        for done, result in _background(work):
+            if not done:
+                fraction, detail = (step or [None, ""])[:2]
+                yield {status: busy_html(title, time.monotonic() - started, fraction, detail)}
+            elif isinstance(result, MergeError):
+                yield {status: error_html(result)}
+            elif isinstance(result, BaseException):
+                yield {status: status_html("error", _unexpected(result))}
+            else:
+                message, *warnings = result.split("\n")
+                yield {status: status_html("ok", message, warnings), **self.on_refresh()}
+
+    @staticmethod
+    def _progress(step: list):
+        def progress(i: int, n: int, name: str = "") -> None:
+            step[0], step[1] = (i / n if n else None), name
+        return progress
+
+    # ---- merge
+    def on_merge(self, v: dict) -> Iterator[dict]:
+        step: list = [None, ""]
+
+        def prepare():
+            items = parse_lora_lines(self.host, v.get("lora_merge_list") or "")
+            mode = v.get("lora_merge_mode") or "concat"
+            if mode not in MODES:
+                raise InputError(f"Unknown LoRA merge mode '{mode}': use {', '.join(MODES)}.")
+            density = float(v.get("lora_merge_density") if v.get("lora_merge_density") is not None else 1.0)
+            seed = _int(v.get("lora_merge_seed") or 0, "seed")
+            name = (v.get("lora_merge_name") or "").strip() or f"lora_merge_{mode}"
+            out = self._check_out(v, self._lora_out(v, name), [p for p, *_ in items])
+            dtype = self._dtype(v)
+            overwrite = bool(v.get("lora_overwrite"))
+            if mode in SVD_MODES:
+                from ..lora.svd import LoraInput as SvdInput, merge_svd
+                rank = _int(v.get("lora_merge_rank"), "SVD rank", 1)
+                conv = _int(v.get("lora_merge_conv_rank") or 0, "SVD conv rank") or None
+
+                def work() -> str:
+                    r = merge_svd([SvdInput(p, wu, wt) for p, wu, wt, _ in items], out, mode=mode[4:],
+                                  density=density, rank=rank, conv_rank=conv, seed=seed, dtype=dtype,
+                                  overwrite=overwrite, progress=self._progress(step))
+                    kept = sum(r.retained.values()) / len(r.retained) if r.retained else float("nan")
+                    return "\n".join([f"Wrote {r.path} ({r.modules} modules at rank {rank}, {kept:.1%} of ΔW "
+                                      f"kept on average)."] + r.warnings[:20])
+                return work
+            from ..lora.merge import LoraInput, merge
+
+            def work() -> str:
+                path = merge([LoraInput(p, wu, wt) for p, wu, wt, _ in items], out, mode=mode, density=density,
+                             seed=seed, dtype=dtype, overwrite=overwrite)
+                return f"Wrote {path} ({mode} of {len(items)} LoRA{'s' if len(items) > 1 else ''})."
+            return work
+        yield from self._job("lora_merge_status", "Merging LoRAs", prepare, step)
+
+    # ---- resize
+    def on_resize(self, v: dict) -> Iterator[dict]:
+        step: list = [None, ""]
+
+        def prepare():
+            from ..lora.resize import mean_retained, parse_dynamic, resize
+            name = v.get("lora_resize_name") or ""
+            src = lora_path(self.host, name)
+            rank = _int(v.get("lora_resize_rank") or 0, "new rank") or None
+            rule = (v.get("lora_resize_rule") or "").strip() or None
+            if rule:
+                parse_dynamic(rule)
+            if rank is None and rule is None:
+                raise InputError("Give a new rank or a dynamic rule (e.g. sv_fro:0.9).")
+            conv = _int(v.get("lora_resize_conv_rank") or 0, "conv rank") or None
+            out_name = (v.get("lora_resize_out") or "").strip() or (
+                f"{_stem(name)}_r{rank}" if rank and not rule else f"{_stem(name)}_resized")
+            out = self._check_out(v, self._lora_out(v, out_name), [src])
+            dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
+
+            def work() -> str:
+                r = resize(src, out, rank=rank if not rule else None, dynamic=rule, max_rank=rank if rule else None,
+                           conv_rank=conv, dtype=dtype, overwrite=overwrite, progress=self._progress(step))
+                new = sorted({k for _, k in r.ranks.values()})
+                return "\n".join([f"Wrote {r.path}: ranks {', '.join(map(str, new))}, {mean_retained(r):.1%} of ΔW "
+                                  f"kept on average."] + r.warnings[:20])
+            return work
+        yield from self._job("lora_resize_status", "Resizing", prepare, step)
+
+    # ---- extract
+    def on_extract(self, v: dict) -> Iterator[dict]:
+        step: list = [None, ""]
+
+        def prepare():
+            from ..lora.extract import extract
+            base_name, tuned_name = v.get("lora_extract_base") or "", v.get("lora_extract_tuned") or ""
+            if not base_name or not tuned_name:
+                raise InputError("Choose the base and the tuned checkpoint.")
+            base = self.host.resolve_checkpoint(base_name)
+            tuned = self.host.resolve_checkpoint(tuned_name)
+            if base == tuned:
+                raise InputError("The base and the tuned checkpoint are the same file: the LoRA would be empty.")
+            rank = _int(v.get("lora_extract_rank"), "extract rank", 1)
+            conv = _int(v.get("lora_extract_conv_rank") or 0, "conv rank") or None
+            out_name = (v.get("lora_extract_out") or "").strip() or f"{_stem(tuned_name)}_extract_r{rank}"
+            out = self._check_out(v, self._lora_out(v, out_name), [base, tuned])
+            dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
+
+            def work() -> str:
+                r = extract(base, tuned, out, rank, conv, dtype=dtype, overwrite=overwrite,
+                            progress=self._progress(step))
+                kept = sum(r.retained.values()) / len(r.retained) if r.retained else float("nan")
+                return "\n".join([f"Wrote {r.path} ({FAMILY_LABEL.get(r.family, r.family)}, {r.modules} modules at "
+                                  f"rank {rank}, {kept:.1%} of ΔW kept on average)."] + r.messages[:20])
+            return work
+        yield from self._job("lora_extract_status", "Extracting", prepare, step)
+
+    # ---- bake
+    def on_bake(self, v: dict) -> Iterator[dict]:
+        def prepare():
+            from ..lora.bake import bake
+            from ..lora.merge import LoraInput
+            from ..models import safe_output_path
+            ckpt_name = v.get("lora_bake_ckpt") or ""
+            if not ckpt_name:
+                raise InputError("Choose the checkpoint to bake into.")
+            ckpt = self.host.resolve_checkpoint(ckpt_name)
+            items = parse_lora_lines(self.host, v.get("lora_bake_list") or "")
+            lbw = (v.get("lora_bake_lbw") or "").strip() or None
+            if lbw is not None:
+                from ..arch import detect
+                from ..lora.lbw import parse_lbw
+                from ..models import open_model
+                with open_model(ckpt) as mf:
+                    family = detect({k: tuple(i.shape) for k, i in mf.tensors.items()}, ckpt.name).family
+                parse_lbw(lbw, family)   # a mistake is told before any work
+            out_name = (v.get("lora_bake_out") or "").strip() or (
+                f"{_stem(ckpt_name)}_" + "_".join(_stem(n) for *_, n in items))[:150]
+            out = self._check_out(v, safe_output_path(self.host.output_dir(), out_name),
+                                  [ckpt] + [p for p, *_ in items])
+            dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
+
+            def work() -> str:
+                r = bake(ckpt, [LoraInput(p, wu, wt) for p, wu, wt, _ in items], out, lbw=lbw, dtype=dtype,
+                         overwrite=overwrite)
+                self.host.saved(r.path)
+                return "\n".join([f"Wrote {r.path} ({len(r.touched)} keys changed by {len(items)} "
+                                  f"LoRA{'s' if len(items) > 1 else ''})."] + r.warnings[:20])
+            return work
+        yield from self._job("lora_bake_status", "Baking", prepare)
