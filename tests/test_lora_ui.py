@@ -227,3 +227,62 @@ def test_every_lora_event_runs_through_gradio_with_the_initial_values(setup):
             assert isinstance(out, dict) and out and set(out) <= set(outs), fn.name
         ran += 1
     assert ran >= 9
+
+
+def test_lora_tools_in_the_browser(setup, tmp_path):
+    """The section in the running app (headless Chromium): Info shows the architecture, Merge LoRAs writes a
+    file, a name with '..' is told in the status line."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from test_browser import CHROMIUM_ARGS, ROOT, _choose, _chromium, _free_port
+    chromium = _chromium()
+    from playwright.sync_api import sync_playwright
+    host = setup[0]
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT),
+           "MERGE_LAB_CACHE": str(tmp_path / "cache"), "NO_PROXY": "127.0.0.1,localhost"}
+    log = open(tmp_path / "app.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "lib_merge", "ui", "--port", str(port), "--models-dir",
+                             str(host.models_dir), "--output-dir", str(host.output_folder)], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"the app did not start:\n{log.read()[-3000:]}")
+                time.sleep(0.3)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.goto(url)
+            page.click("#merge_lab_lora_tools >> text=LoRA tools")
+            _choose(page, "merge_lab_lora_info_name", "one.safetensors")
+            page.wait_for_function("document.querySelector('#merge_lab_lora_info').innerText.includes('SD1.x')",
+                                   timeout=20000)
+            page.click("button:has-text('Merge LoRAs')")
+            page.fill("#merge_lab_lora_merge_list textarea", "one.safetensors:0.5\nsub/two.safetensors:1")
+            page.fill("#merge_lab_lora_merge_name textarea", "from_browser")
+            page.click("#merge_lab_lora_merge_run")
+            status = "document.querySelector('#merge_lab_lora_merge_status').innerText"
+            page.wait_for_function(f"{status}.includes('Wrote')", timeout=30000)
+            page.fill("#merge_lab_lora_merge_list textarea", "../sd1_a.safetensors:1")
+            page.click("#merge_lab_lora_merge_run")
+            page.wait_for_function(f"{status}.includes('not a LoRA name')", timeout=30000)
+            browser.close()
+        assert (host.lora_dir / "from_browser.safetensors").is_file()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
