@@ -46,6 +46,7 @@ class Host:
     can_generate = False          # whether generate() works here (the WebUI: yes)
     has_live_model = False        # whether live_target() writes into a model that generates images
     can_make_demo_models = False  # whether create_demo_models() works (the standalone app)
+    lora_dir: Path | None = None  # the folder list_loras() lists (relative names)
 
     def __init__(self):
         self._interrupt = threading.Event()

@@ -71,12 +71,17 @@ class WebUIHost(Host):
             raise InputError(f"Checkpoint '{name}' is not in the WebUI's list: press refresh, or check the name.")
         return Path(info.filename)
 
+    @property
+    def lora_dir(self) -> Path:
+        """The WebUI's LoRA folder (--lora-dir, else models/Lora)."""
+        from modules import paths, shared
+        return Path(getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora"))
+
     def list_loras(self, refresh: bool = False) -> list[str]:
-        from modules import shared
-        folder = Path(getattr(shared.cmd_opts, "lora_dir", "") or "models/Lora")
+        folder = self.lora_dir
         if not folder.is_dir():
             return []
-        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors"))
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.safetensors"))
 
     def list_vaes(self, refresh: bool = False) -> list[str]:
         from modules import sd_vae

@@ -40,10 +40,8 @@ FAMILY_LABEL = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 
 # --------------------------------------------------------------------------------------- names, paths
 def lora_folder(host: Host) -> Path:
-    """The host's LoRA folder (StandaloneHost.lora_dir; a host may give it as an attribute or a method)."""
-    folder = getattr(host, "lora_dir", None)
-    if callable(folder):
-        folder = folder()
+    """The host's LoRA folder (Host.lora_dir)."""
+    folder = host.lora_dir
     if not folder:
         raise InputError("This host does not say where its LoRA folder is, so LoRAs cannot be chosen here.")
     return Path(folder).expanduser().resolve()
