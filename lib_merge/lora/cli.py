@@ -77,6 +77,7 @@ def add_lora_commands(subparsers) -> None:
 
     from .cli_svd import add_svd_commands
     add_svd_commands(sub)  # extract, resize, merge-svd (cli_svd.py)
+    from .report import add_report_command; add_report_command(sub)  # report (report.py)
 
 
 def main(argv: list[str] | None = None) -> int:
