@@ -331,3 +331,11 @@ def test_outputs_are_checked_before_any_work(tmp_path, sd1_pair):
                 call(out)
     with pytest.raises(OutputError):
         extract(d / "base.safetensors", d / "tuned.safetensors", d / "base.safetensors", 2)
+
+
+def test_main_cli_wires_the_commands_and_exits_2_on_user_errors(tmp_path, capsys):
+    from lib_merge.cli import main
+    a = _lora(tmp_path / "a.safetensors", 0)
+    assert main(["lora", "resize", str(a), "--rank", "2", "--dtype", "fp32", "-o", str(tmp_path / "r.safetensors")]) == 0
+    assert main(["lora", "merge-svd", "--lora", f"{a}:1", "--rank", "0", "-o", str(tmp_path / "m.safetensors")]) == 2
+    assert "at least 1" in capsys.readouterr().err
