@@ -12,16 +12,16 @@ would land outside the folder, so a typed name can never reach another file. Out
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import gradio as gr
 
 from ..errors import InputError, MergeError
 from ..host import Host
+from .section import Section
 from .tab import ELEM, _background, _unexpected, busy_html, error_html, status_html
 
 log = logging.getLogger("merge_lab.ui")
@@ -128,51 +128,14 @@ def info_markdown(info: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------- section
-class LoraTools:
+class LoraTools(Section):
     """The section's widgets (self.c, by field name) and handlers; built inside the current gr.Blocks."""
 
     def __init__(self, host: Host):
+        super().__init__()
         self.host = host
-        self.c: dict[str, Any] = {}
-        self.fields: list[str] = []
         self._build()
         self._wire()
-
-    # ---- helpers (the tab's conventions)
-    def _field(self, name: str, component):
-        self.c[name] = component
-        self.fields.append(name)
-        return component
-
-    def _show(self, name: str, component):
-        self.c[name] = component
-        return component
-
-    def values(self) -> dict[str, Any]:
-        return {n: self.c[n].value for n in self.fields}
-
-    def _on(self, event, fn, inputs: list[str] | None, outputs: list[str], **kw) -> None:
-        in_comps = [self.c[n] for n in (self.fields if inputs is None else inputs)]
-        outs = [self.c[n] for n in outputs]
-        allowed = set(outputs)
-        names = {id(c): n for n, c in self.c.items()}
-
-        def named(data) -> dict:
-            return {names[id(c)]: v for c, v in (data or {}).items()}
-
-        def by_component(updates: dict) -> dict:
-            mapped = {self.c[n]: u for n, u in updates.items() if n in allowed}
-            return mapped or {outs[0]: gr.update()}
-
-        if inspect.isgeneratorfunction(fn):
-            def handler(data=None):
-                for updates in fn(named(data)):
-                    yield by_component(updates)
-        else:
-            def handler(data=None):
-                return by_component(fn(named(data)))
-        handler.__name__ = fn.__name__
-        event(handler, inputs=set(in_comps) or None, outputs=outs, **kw)
 
     def _loras(self, refresh: bool = False) -> list[str]:
         try:
