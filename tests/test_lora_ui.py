@@ -18,6 +18,7 @@ from lib_merge.models import open_model  # noqa: E402
 from lib_merge.ui.lora_tab import LoraTools, lora_path  # noqa: E402
 from lib_merge.ui.tab import make_tab  # noqa: E402
 from test_lora_merge import SD1, hand_delta, make_modules  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_ui import run  # noqa: E402  (a handler's updates, streaming ones merged)
 
 NAMES = [SD1["to_k"], SD1["proj_in"], SD1["conv"], SD1["te_q"]]
 
@@ -41,13 +42,6 @@ def setup(tiny, tmp_path):
     return host, tab, mods
 
 
-def run(updates) -> dict:
-    if isinstance(updates, dict):
-        return updates
-    out: dict = {}
-    for u in updates:
-        out.update(u)
-    return out
 
 
 def form(tools: LoraTools, **changes) -> dict:
