@@ -26,3 +26,25 @@ def test_bake_of_an_extracted_lora_gives_back_the_fine_tune(tiny, tmp_path):
     for k, v in base.items():
         if k not in changed and v.is_floating_point():
             assert torch.equal(baked[k], v), k
+
+
+def test_bake_reports_progress_and_can_be_interrupted(tiny, tmp_path):
+    import pytest
+    from lib_merge.errors import CancelledError
+    base = tiny.state["sd1_a"]
+    k = next(k for k in base if k.endswith("attn1.to_q.weight"))
+    tuned = dict(base)
+    tuned[k] = base[k] + 0.1 * torch.ones_like(base[k])
+    save_state_dict(tuned, tmp_path / "tuned.safetensors")
+    lora = tmp_path / "l.safetensors"
+    extract(tiny.path["sd1_a"], tmp_path / "tuned.safetensors", lora, rank=2, dtype=torch.float32)
+    seen = []
+    bake(tiny.path["sd1_a"], [(str(lora), 1.0, 1.0)], tmp_path / "baked.safetensors",
+         progress=lambda i, n, key: seen.append((i, n)))
+    assert seen[0] == (0, len(base)) and seen[-1] == (len(base) - 1, len(base))
+    calls = []
+    with pytest.raises(CancelledError, match="nothing was written"):
+        bake(tiny.path["sd1_a"], [(str(lora), 1.0, 1.0)], tmp_path / "stopped.safetensors",
+             cancel=lambda: calls.append(1) or len(calls) > 5)
+    assert not (tmp_path / "stopped.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]

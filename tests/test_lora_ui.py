@@ -280,3 +280,19 @@ def test_lora_tools_in_the_browser(setup, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_interrupt_stops_a_bake_and_writes_nothing(setup, monkeypatch):
+    host, tab, mods = setup
+    tools = tab.lora_tools
+    seen = []
+
+    def progress(fraction, text=""):
+        seen.append(fraction)
+        tab.on_interrupt({})   # the user presses the tab's Interrupt while the bake runs
+
+    monkeypatch.setattr(host, "progress", progress)
+    u = run(tools.on_bake(form(tools, lora_bake_ckpt="sd1_a.safetensors", lora_bake_list="one.safetensors:1",
+                               lora_bake_out="stopped")))
+    assert seen and "merge-lab-error" in u["lora_bake_status"] and "interrupted" in text(u, "lora_bake_status")
+    assert not (host.output_folder / "stopped.safetensors").exists()

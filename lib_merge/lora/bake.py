@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..arch import detect
-from ..errors import ArchitectureMismatchError, InputError
+from ..errors import ArchitectureMismatchError, CancelledError, InputError
 from ..models import (SafetensorsWriter, check_output_path, dtype_from_name, dtype_name, file_hashes,
                       open_model)
 from . import keys as K
@@ -87,7 +87,7 @@ def _fit(dw: torch.Tensor, want: tuple[int, ...], name: str, key: str) -> torch.
 
 
 def bake(checkpoint, loras, out=None, *, lbw=None, dtype: str | torch.dtype | None = "float16",
-         overwrite: bool = False) -> BakeResult:
+         overwrite: bool = False, progress=None, cancel=None) -> BakeResult:
     """Apply LoRAs into a checkpoint.
 
     `loras`: list of (path, strength_unet, strength_te), (path, strength), LoraInput or "FILE[:W[:W_TE]]".
@@ -95,7 +95,8 @@ def bake(checkpoint, loras, out=None, *, lbw=None, dtype: str | torch.dtype | No
     `lbw`: block weights for every LoRA (preset name, "1,0,..." text, list or {block: w}) or a list with one
     entry (or None) per LoRA. `dtype`: output dtype of float tensors ("float16", "bfloat16", "float32"), None
     to keep each tensor's own dtype. Metadata: `merge_lab_recipe` (JSON: base model name and sha256, each
-    LoRA's name, sha256, strengths and block weights, the dtype, skipped modules)."""
+    LoRA's name, sha256, strengths and block weights, the dtype, skipped modules).
+    `progress(i, n, key)` is called per key; `cancel()` returning True stops with CancelledError (no file)."""
     inputs = [as_input(x) for x in loras]
     if not inputs:
         raise InputError("Give at least one LoRA to bake.")
@@ -146,7 +147,11 @@ def bake(checkpoint, loras, out=None, *, lbw=None, dtype: str | torch.dtype | No
             state = {}
         else:
             writer = SafetensorsWriter(out, entries, meta)
-        for key, odt, shape in entries:
+        for i, (key, odt, shape) in enumerate(entries):
+            if cancel is not None and cancel():
+                raise CancelledError("Bake interrupted: nothing was written.")
+            if progress is not None:
+                progress(i, len(entries), key)
             t = mf.read(key)
             terms = plan.get(key)
             if terms:

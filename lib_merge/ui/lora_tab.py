@@ -338,7 +338,17 @@ class LoraTools(Section):
             yield {status: status_html("error", _unexpected(e))}
             return
         started = time.monotonic()
-        for done, result in _background(work):
+
+        def exclusive_work():
+            # like the Merge tab's actions: the host's lock (the WebUI's queue), its progress and Interrupt
+            with self.host.exclusive():
+                self.host.begin_job(title)
+                try:
+                    return work()
+                finally:
+                    self.host.end_job()
+
+        for done, result in _background(exclusive_work):
             if not done:
                 fraction, detail = (step or [None, ""])[:2]
                 yield {status: busy_html(title, time.monotonic() - started, fraction, detail)}
@@ -350,10 +360,10 @@ class LoraTools(Section):
                 message, *warnings = result.split("\n")
                 yield {status: status_html("ok", message, warnings), **self.on_refresh()}
 
-    @staticmethod
-    def _progress(step: list):
+    def _progress(self, step: list):
         def progress(i: int, n: int, name: str = "") -> None:
             step[0], step[1] = (i / n if n else None), name
+            self.host.progress(step[0] or 0.0, name)
         return progress
 
     # ---- merge
@@ -477,9 +487,10 @@ class LoraTools(Section):
 
             def work() -> str:
                 r = bake(ckpt, [LoraInput(p, wu, wt) for p, wu, wt, _ in items], out, lbw=lbw, dtype=dtype,
-                         overwrite=overwrite)
+                         overwrite=overwrite, progress=self._progress(step), cancel=self.host.interrupted)
                 self.host.saved(r.path)
                 return "\n".join([f"Wrote {r.path} ({len(r.touched)} keys changed by {len(items)} "
                                   f"LoRA{'s' if len(items) > 1 else ''})."] + r.warnings[:20])
             return work
-        yield from self._job("lora_bake_status", "Baking", prepare)
+        step: list = [None, ""]
+        yield from self._job("lora_bake_status", "Baking", prepare, step)
