@@ -99,8 +99,9 @@ def merge_to_memory(host: Host, recipe: Recipe, *, device: str | None = None) ->
     seconds = time.monotonic() - started
     how = "" if host.live_cache is None or not host.live_cache.terms else f" ({result.rewritten} tensors rewritten)"
     notes = [host.live_cache.note] if host.live_cache is not None and host.live_cache.note else []
-    return MergeSummary(True, f"Merged {merged.name} into memory in {seconds:.1f} s{how}.", recipe.to_json(),
-                        merged.name, merged.short_hash, seconds=seconds, warnings=result.warnings + notes)
+    return MergeSummary(True, f"Merged {merged.name} into memory in {seconds:.1f} s{how}.",
+                        recipe.public_json(indent=2), merged.name, merged.short_hash, seconds=seconds,
+                        warnings=result.warnings + notes)
 
 
 def header_of(host: Host, recipe: Recipe) -> tuple[str, dict]:
@@ -128,7 +129,7 @@ def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False, devi
     except MergeError as e:
         return MergeSummary(False, str(e))
     return MergeSummary(True, f"Saved {path.name} ({_size(path.stat().st_size)}) in "
-                              f"{time.monotonic() - started:.1f} s.", recipe.to_json(), path.stem,
+                              f"{time.monotonic() - started:.1f} s.", recipe.public_json(indent=2), path.stem,
                         path=str(path), seconds=time.monotonic() - started, warnings=result.warnings)
 
 
