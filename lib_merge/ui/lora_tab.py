@@ -22,7 +22,7 @@ import gradio as gr
 from ..errors import InputError, MergeError
 from ..host import Host
 from .section import Section
-from .tab import ELEM, _background, _unexpected, busy_html, error_html, status_html
+from .tab import ELEM, _background, _unexpected, busy_html, failure_html, status_html
 
 log = logging.getLogger("merge_lab.ui")
 
@@ -331,11 +331,8 @@ class LoraTools(Section):
         line; the work returns the success message (warnings after a newline each)."""
         try:
             work = prepare()
-        except MergeError as e:
-            yield {status: error_html(e)}
-            return
-        except Exception as e:  # noqa: BLE001
-            yield {status: status_html("error", _unexpected(e))}
+        except Exception as e:  # noqa: BLE001 - failure_html tells a user's error from a bug
+            yield {status: failure_html(e)}
             return
         started = time.monotonic()
 
@@ -352,10 +349,8 @@ class LoraTools(Section):
             if not done:
                 fraction, detail = (step or [None, ""])[:2]
                 yield {status: busy_html(title, time.monotonic() - started, fraction, detail)}
-            elif isinstance(result, MergeError):
-                yield {status: error_html(result)}
             elif isinstance(result, BaseException):
-                yield {status: status_html("error", _unexpected(result))}
+                yield {status: failure_html(result)}
             else:
                 message, *warnings = result.split("\n")
                 yield {status: status_html("ok", message, warnings), **self.on_refresh()}

@@ -67,6 +67,11 @@ def error_html(e: BaseException) -> str:
     return status_html("error", str(e))
 
 
+def failure_html(e: BaseException) -> str:
+    """The status line for a failed action: a MergeError's message for people, anything else as a bug."""
+    return error_html(e) if isinstance(e, MergeError) else status_html("error", _unexpected(e))
+
+
 def _unexpected(e: BaseException) -> str:
     log.exception("Merge Lab: unexpected error")
     return (f"Unexpected error: {type(e).__name__}: {e}. This is a bug in Merge Lab; the console has the "
@@ -634,11 +639,8 @@ class MergeTab(Section):
         stream its progress into the status line."""
         try:
             recipe = F.recipe_from_form(self.host, v, self.archs)
-        except MergeError as e:
-            yield {"status": error_html(e)}
-            return
-        except Exception as e:  # noqa: BLE001
-            yield {"status": status_html("error", _unexpected(e))}
+        except Exception as e:  # noqa: BLE001 - failure_html tells a user's error from a bug
+            yield {"status": failure_html(e)}
             return
         device = v.get("device") or "cpu"
         started = time.monotonic()
@@ -684,7 +686,7 @@ class MergeTab(Section):
             if not done:
                 yield {"status": busy_html("Generating", time.monotonic() - started)}
             elif isinstance(result, BaseException):
-                yield {"status": status_html("error", _unexpected(result))}
+                yield {"status": failure_html(result)}
             elif not result.ok:
                 yield {"status": status_html("error", result.message)}
             else:
@@ -722,11 +724,8 @@ class MergeTab(Section):
             y_kind = F.slot_value(v.get("xy_y_kind"))
             y = xy.Axis(y_kind, v.get("xy_y_values") or "") if y_kind else None
             request = _xy_request(v)
-        except MergeError as e:
-            yield {"xy_status": error_html(e)}
-            return
-        except Exception as e:  # noqa: BLE001
-            yield {"xy_status": status_html("error", _unexpected(e))}
+        except Exception as e:  # noqa: BLE001 - failure_html tells a user's error from a bug
+            yield {"xy_status": failure_html(e)}
             return
         device = v.get("device") or "cpu"
         save_models = bool(v.get("xy_save_models"))
@@ -745,11 +744,8 @@ class MergeTab(Section):
                 detail = self.host.last_progress[1]
                 yield {"xy_status": busy_html(f"XY plot: {step[1]}", time.monotonic() - started, step[0],
                                               detail if detail != step[1] else "")}
-            elif isinstance(result, MergeError):
-                yield {"xy_status": error_html(result), "current": gr.update(value=self._current_text())}
             elif isinstance(result, BaseException):
-                yield {"xy_status": status_html("error", _unexpected(result)),
-                       "current": gr.update(value=self._current_text())}
+                yield {"xy_status": failure_html(result), "current": gr.update(value=self._current_text())}
             else:
                 gallery = [(result.grid_image, "grid")] + list(zip(result.images, result.labels))
                 yield {"xy_gallery": gr.update(value=gallery), "current": gr.update(value=self._current_text()),
@@ -770,10 +766,8 @@ class MergeTab(Section):
             family = F.recipe_family(recipe, self.archs, self.host)
             weights_file = F.save_recipe_weights(self.host, recipe)
             values = F.form_from_recipe(recipe, family, weights_file)
-        except MergeError as e:
-            return {"status": error_html(e)}
-        except Exception as e:  # noqa: BLE001
-            return {"status": status_html("error", _unexpected(e))}
+        except Exception as e:  # noqa: BLE001 - failure_html tells a user's error from a bug
+            return {"status": failure_html(e)}
         merged = {**v, **values}
         u = {k: (x if k == "family" else gr.update(value=x)) for k, x in values.items()}
         layout = _combine(self.on_method(merged), self._family_updates(merged, family))
@@ -847,10 +841,8 @@ class MergeTab(Section):
         for done, result in _background(work):
             if not done:
                 yield {"status": status_html("busy", f"{title}…")}
-            elif isinstance(result, MergeError):
-                yield {"status": error_html(result)}
             elif isinstance(result, BaseException):
-                yield {"status": status_html("error", _unexpected(result))}
+                yield {"status": failure_html(result)}
             else:
                 masks, weight_sets = F.aux_files(self.host)
                 choices = masks if field == "mask" else weight_sets
