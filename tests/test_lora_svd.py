@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from lib_merge.errors import ArchitectureMismatchError, MergeError, OutputError
 from lib_merge.keysets import make_state_dict
 from lib_merge.lora import open_lora
-from lib_merge.lora.cli_svd import add_svd_commands, parse_lora_arg
+from lib_merge.lora.cli_svd import add_svd_commands
 from lib_merge.lora.extract import extract
 from lib_merge.lora.resize import parse_dynamic, rank_by_rule, resize
-from lib_merge.lora.svd import SvdError, combine, compose, factorize, merge_svd
+from lib_merge.lora.merge import combine
+from lib_merge.lora.svd import SvdError, compose, factorize, merge_svd
+from lib_merge.randomness import generator_for
 from lib_merge.models import save_state_dict
 
 
@@ -258,32 +260,47 @@ def test_merge_refuses_different_architectures(tmp_path):
     with pytest.raises(ArchitectureMismatchError) as e:
         merge_svd([(a, 1.0), (b, 1.0)], tmp_path / "m.safetensors", rank=4)
     assert "sd1.safetensors" in str(e.value) and "xl.safetensors" in str(e.value)
-    assert "sdxl" in str(e.value) and "sd1" in str(e.value)
+    assert "an SDXL LoRA" in str(e.value) and "SD1.x" in str(e.value)
 
 
-def test_combine_modes():
+def test_combine_modes_on_full_deltas():
+    """The SVD merge combines full deltas with merge.combine (PEFT's definitions; the sign is elected on the
+    pruned, unweighted deltas)."""
     t1 = torch.tensor([1.0, -2.0, 3.0, 0.5])
     t2 = torch.tensor([-1.0, 1.0, 1.0, -4.0])
     torch.testing.assert_close(combine([t1, t2], [1.0, 2.0], "add"), t1 + 2 * t2)
-    # ties at density 1: sign by the weighted sum, mean of the agreeing weighted entries
+    # ties at density 1: sign of the sum (0 -> +), mean of the agreeing weighted entries
     got = combine([t1, t2], [1.0, 1.0], "ties")
-    torch.testing.assert_close(got, torch.tensor([1.0, -2.0, 2.0, -4.0]))   # position 0: sum 0 -> +
+    torch.testing.assert_close(got, torch.tensor([1.0, -2.0, 2.0, -4.0]))
+    # the election is on the unweighted deltas: weight 3 on t2 does not flip position 1 (sum -1 -> -)
+    got = combine([t1, t2], [1.0, 3.0], "ties")
+    torch.testing.assert_close(got, torch.tensor([1.0, -2.0, 3.0, -12.0]))
     # magnitude prune keeps the top half of each
     t3 = torch.tensor([-1.5, 1.0, 1.0, -4.0])
     torch.testing.assert_close(combine([t1, t3], [1.0, 1.0], "magnitude_prune", density=0.5),
                                torch.tensor([-1.5, -2.0, 3.0, -4.0]))
     big = torch.randn(4000, generator=g(1))
-    d1 = combine([big], [1.0], "dare_linear", density=0.25, seed=5, key="k")
-    d2 = combine([big], [1.0], "dare_linear", density=0.25, seed=5, key="k")
+    d1 = combine([big], [1.0], "dare_linear", density=0.25, gen=generator_for(5, "k", "lora_merge_svd"))
+    d2 = combine([big], [1.0], "dare_linear", density=0.25, gen=generator_for(5, "k", "lora_merge_svd"))
     assert torch.equal(d1, d2)
     kept = d1 != 0
     assert 0.2 < kept.float().mean() < 0.3
     torch.testing.assert_close(d1[kept], big[kept] * 4)
-    assert not torch.equal(d1, combine([big], [1.0], "dare_linear", density=0.25, seed=5, key="other"))
-    with pytest.raises(SvdError):
+    with pytest.raises(MergeError, match="Unknown merge mode 'nope'"):
         combine([t1], [1.0], "nope")
-    with pytest.raises(SvdError):
-        combine([t1], [1.0], "ties", density=0.0)
+
+
+def test_svd_merge_dare_is_reproducible_and_seeded(tmp_path):
+    a, b = _lora(tmp_path / "a.safetensors", 0), _lora(tmp_path / "b.safetensors", 1)
+    outs = [merge_svd([(a, 1.0), (b, 1.0)], tmp_path / f"m{i}.safetensors", mode="dare_ties", density=0.5,
+                      rank=8, seed=seed, clamp_quantile=None, dtype=torch.float32).path
+            for i, seed in enumerate((3, 3, 4))]
+    with open_lora(outs[0]) as x, open_lora(outs[1]) as y, open_lora(outs[2]) as z:
+        name = sorted(x.modules)[0]
+        assert torch.equal(x.delta(name), y.delta(name))
+        assert not torch.equal(x.delta(name), z.delta(name))
+    with pytest.raises(SvdError, match="density"):
+        merge_svd([(a, 1.0)], tmp_path / "d.safetensors", mode="ties", density=0.0, rank=2)
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -311,13 +328,6 @@ def test_cli_commands(tmp_path, sd1_pair, capsys):
         assert lf.family == "sd1" and all(m.rank <= 2 for m in lf.modules.values())
     with pytest.raises(MergeError):
         _cli(["lora", "resize", str(out), "-o", str(tmp_path / "q.safetensors")])
-
-
-def test_parse_lora_arg():
-    assert parse_lora_arg("a.safetensors") == ("a.safetensors", 1.0, None)
-    assert parse_lora_arg("a.safetensors:0.5") == ("a.safetensors", 0.5, None)
-    assert parse_lora_arg("a.safetensors:0.5:-1") == ("a.safetensors", 0.5, -1.0)
-    assert parse_lora_arg("C:/x/a.safetensors:2") == ("C:/x/a.safetensors", 2.0, None)
 
 
 def test_outputs_are_checked_before_any_work(tmp_path, sd1_pair):

@@ -20,6 +20,12 @@ def cmd_lora_info(args) -> int:
 
 
 def cmd_lora_merge(args) -> int:
+    if args.rank is not None:   # the SVD merge: full deltas, combined, factorised to the rank
+        from .cli_svd import cmd_merge_svd
+        return cmd_merge_svd(args)
+    if args.conv_rank is not None:
+        from ..errors import InputError
+        raise InputError("--conv-rank needs --rank (it is the SVD merge's rank of 3x3 convs).")
     from .merge import merge, parse_lora_arg
     path = merge([parse_lora_arg(x) for x in args.lora], args.output, mode=args.mode, density=args.density,
                  seed=args.seed, majority=args.majority, dtype=args.dtype, overwrite=args.overwrite)
@@ -60,6 +66,13 @@ def add_lora_commands(subparsers) -> None:
     m.add_argument("--seed", type=int, default=0, help="seed of the DARE draws")
     m.add_argument("--majority", choices=MAJORITY, default="total", help="TIES sign election")
     m.add_argument("--dtype", default="float16", help="dtype of the written factors (default float16)")
+    m.add_argument("--rank", type=int, default=None,
+                   help="merge through the full ΔW and an SVD to this rank (any input ranks, LoHa/LoKr too); "
+                        "the same as `lora merge-svd`")
+    m.add_argument("--conv-rank", type=int, default=None, help="with --rank: rank of 3x3 convs (default: --rank)")
+    m.add_argument("--clamp-quantile", type=float, default=0.99,
+                   help="with --rank: clamp the factors to this quantile of their magnitudes, as kohya (0.99)")
+    m.add_argument("--no-clamp", action="store_true", help="with --rank: keep the exact truncated SVD")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     m.add_argument("-o", "--output", required=True, help="output .safetensors")
     m.set_defaults(func=cmd_lora_merge)

@@ -19,26 +19,6 @@ def _summary(retained: dict[str, float]) -> str:
     return (f"retained Frobenius fraction: mean {sum(vals) / len(vals):.4f}, min {vals[0]:.4f} ({worst})")
 
 
-def parse_lora_arg(text: str) -> tuple[str, float, float | None]:
-    """FILE, FILE:W or FILE:W_UNET:W_TE (a Windows drive letter 'C:' is not taken for a weight)."""
-    parts = text.rsplit(":", 2)
-    nums = []
-    while len(parts) > 1:
-        try:
-            nums.insert(0, float(parts[-1]))
-        except ValueError:
-            break
-        parts = parts[:-1]
-        if len(nums) == 2:
-            break
-    path = ":".join(parts) if len(parts) > 1 else parts[0]
-    if not nums:
-        return text, 1.0, None
-    if len(nums) == 1:
-        return path, nums[0], None
-    return path, nums[0], nums[1]
-
-
 def cmd_extract(args) -> int:
     from .extract import extract
     r = extract(args.base, args.tuned, args.output, args.rank, args.conv_rank, te_threshold=args.te_threshold,
@@ -68,11 +48,15 @@ def cmd_resize(args) -> int:
 
 
 def cmd_merge_svd(args) -> int:
+    """`lora merge-svd`, and `lora merge --rank R` (the same SVD merge; concat there means add)."""
+    from .merge import parse_lora_arg
     from .svd import merge_svd
     loras = [parse_lora_arg(t) for t in args.lora]
+    dtype = _DTYPES.get(args.dtype, args.dtype)
     r = merge_svd(loras, args.output, mode=args.mode, density=args.density, rank=args.rank,
                   conv_rank=args.conv_rank, clamp_quantile=None if args.no_clamp else args.clamp_quantile,
-                  seed=args.seed, dtype=_DTYPES[args.dtype], overwrite=args.overwrite)
+                  seed=args.seed, majority=getattr(args, "majority", "total"), dtype=dtype,
+                  overwrite=args.overwrite)
     for w in r.warnings:
         print(f"warning: {w}")
     print(f"wrote {r.path}: {r.family or 'unknown architecture'}, {r.modules} modules; {_summary(r.retained)}")
@@ -118,6 +102,7 @@ def add_svd_commands(lora_sub) -> None:
                    help="a LoRA and its weight (U-Net, then text encoder); repeat for each LoRA")
     m.add_argument("--mode", choices=MODES, default="add", help="how the deltas are combined (add)")
     m.add_argument("--density", type=float, default=1.0, help="share kept by ties / dare / magnitude_prune")
+    m.add_argument("--majority", choices=("total", "frequency"), default="total", help="TIES sign election")
     m.add_argument("--rank", type=int, required=True, help="rank of the merged LoRA")
     m.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 conv modules (default: --rank)")
     _common(m)

@@ -17,7 +17,8 @@ import torch
 
 from ..errors import InputError
 from . import keys as K
-from .svd import SvdError, compose, factorize, key_seed
+from .merge import step
+from .svd import SvdError, factorize, key_seed, retained_fraction
 
 UNET_PREFIX = "model.diffusion_model."
 _ATTN = re.compile(r"\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))\.weight$")
@@ -82,7 +83,8 @@ def _rows(tgt: K.Target, shape) -> tuple[int, int] | None:
 
 def extract(base_path, tuned_path, out_path, rank: int, conv_rank: int | None = None, *,
             te_threshold: float = 0.01, dtype: torch.dtype = torch.float16, clamp_quantile: float | None = 0.99,
-            method: str = "auto", seed: int = 0, overwrite: bool = False, progress=None) -> ExtractResult:
+            method: str = "auto", seed: int = 0, overwrite: bool = False, progress=None,
+            cancel=None) -> ExtractResult:
     """LoRA of `tuned − base` at `rank` (3x3 convs at `conv_rank`; without it the resnets are not extracted,
     as kohya), alpha = rank, written with save_kohya. Returns what was done, with per-module retained
     Frobenius fractions and messages (e.g. the text encoder skipped)."""
@@ -124,6 +126,7 @@ def extract(base_path, tuned_path, out_path, rank: int, conv_rank: int | None = 
         modules, retained = {}, {}
         zero = 0
         for i, (name, tgt) in enumerate(plan):
+            step(progress, cancel, i, len(plan), name, "The extraction")
             dw = read_delta(tgt)
             total = float(dw.double().pow(2).sum())
             if total == 0.0:
@@ -133,10 +136,9 @@ def extract(base_path, tuned_path, out_path, rank: int, conv_rank: int | None = 
             r = conv_rank if conv3 else rank
             up, down, _ = factorize(dw, r, clamp_quantile=clamp_quantile, method=method,
                                     seed=key_seed(seed, name, "svd") & 0x7FFFFFFF)
-            retained[name] = math.sqrt(max(0.0, 1.0 - float((dw - compose(up, down)).double().pow(2).sum()) / total))
+            retained[name] = retained_fraction(dw, up, down)
             modules[name] = (down.to(dtype), up.to(dtype), float(down.shape[0]))
-            if progress:
-                progress(i + 1, len(plan), name)
+        step(progress, cancel, len(plan), len(plan), "", "The extraction")
         if zero:
             messages.append(f"{zero} modules are identical in both models and were left out.")
         if not modules:

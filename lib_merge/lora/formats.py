@@ -145,7 +145,7 @@ def _effective_alpha(name, stored, rank, warnings) -> float:
 
 # ------------------------------------------------------------------------------------------ delta
 
-def _compose(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def compose(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """up@down for linear, 1x1 and kxk conv: (out,r[,1,1]) x (r,in[,kh,kw]) -> (out,in[,kh,kw])."""
     if down.dim() == 2:
         return up @ down
@@ -161,7 +161,7 @@ def delta(module: LoraModule, dtype: torch.dtype = torch.float32, device: str | 
         return module.tensor(role).to(device=device, dtype=cdt)
 
     if module.kind in ("lora", "locon"):
-        dw = _compose(t("up"), t("down"))
+        dw = compose(t("up"), t("down"))
     elif module.kind == "loha":
         dw = (t("w1a") @ t("w1b")) * (t("w2a") @ t("w2b"))
         dw = dw.reshape(module.shape)
@@ -198,6 +198,14 @@ class LoraFile:
 
     def delta(self, name: str, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
         return delta(self.modules[name], dtype, device)
+
+    @classmethod
+    def from_modules(cls, modules: Mapping[str, "LoraModule | tuple"], family: str | None, name: str = "merged",
+                     metadata: dict[str, str] | None = None) -> "LoraFile":
+        """A LoRA held in memory (e.g. a merge that is applied, not saved): {name: LoraModule or
+        (down, up, alpha)}, as save_kohya takes them."""
+        mods = {n: m if isinstance(m, LoraModule) else LoraModule.from_tensors(n, *m) for n, m in modules.items()}
+        return cls(Path(name), "kohya", mods, dict(metadata or {}), family, ["made in memory"], [])
 
     def target(self, name: str, family: str | None = None) -> K.Target | None:
         fam = family or self.family

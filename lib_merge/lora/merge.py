@@ -32,15 +32,16 @@ up/down factors: use the SVD merge for them. LoRAs of different architectures ar
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import ArchitectureMismatchError, InputError
+from ..errors import ArchitectureMismatchError, CancelledError, InputError
 from ..randomness import generator_for
 from .formats import LoraFile, LoraModule, open_lora, save_kohya
 
@@ -56,13 +57,64 @@ class RankMismatchError(InputError):
 
 @dataclass
 class LoraInput:
-    """A LoRA file with its UNet and text-encoder weights (strengths)."""
+    """A LoRA with its UNet and text-encoder weights (strengths): a file, or a LoraFile already in memory
+    (`file`, e.g. a merge made for an XY plot cell; `path` then only names it)."""
     path: Path
     w_unet: float = 1.0
     w_te: float = 1.0
+    file: LoraFile | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
     def weight(self, module_name: str) -> float:
         return self.w_unet if module_name.startswith("lora_unet_") else self.w_te
+
+
+@contextlib.contextmanager
+def open_inputs(inputs: list[LoraInput]):
+    """The inputs' LoraFiles (opened lazily from their paths, or the in-memory ones), closed afterwards."""
+    files: list[LoraFile] = []
+    opened: list[LoraFile] = []
+    try:
+        for i in inputs:
+            if i.file is not None:
+                files.append(i.file)
+            else:
+                lf = open_lora(i.path)
+                opened.append(lf)
+                files.append(lf)
+        yield files
+    finally:
+        for lf in opened:
+            lf.close()
+
+
+def step(progress, cancel, i: int, n: int, name: str, what: str) -> None:
+    """Report step i of n (`progress(i, n, name)`) and stop with CancelledError when `cancel()` says so:
+    the LoRA operations call it before each module, so an Interrupt leaves no file behind."""
+    if cancel is not None and cancel():
+        raise CancelledError(f"{what} was interrupted: nothing was written.")
+    if progress is not None:
+        progress(i, n, name)
+
+
+def recipe_metadata(inputs: list[LoraInput], family: str | None, tool: str = "lora merge", **fields) -> dict:
+    """The metadata of a merged LoRA: our recipe as JSON under `merge_lab_recipe` (the tool, its settings, each
+    input's name, sha256 (or, for one in memory, its own recipe) and weights) and `modelspec.merged_from`."""
+    from ..models import dtype_name, file_hashes
+    loras = []
+    for i in inputs:
+        item = {"name": i.name, "weight_unet": i.w_unet, "weight_te": i.w_te}
+        if i.file is None:
+            item["sha256"] = file_hashes(i.path)["sha256"]
+        elif RECIPE_KEY in i.file.metadata:
+            item["recipe"] = json.loads(i.file.metadata[RECIPE_KEY])
+        loras.append(item)
+    settings = {k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in fields.items()}
+    recipe = {"format": 1, "tool": tool, **settings, "family": family, "loras": loras}
+    return {RECIPE_KEY: json.dumps(recipe), "modelspec.merged_from": ", ".join(i.name for i in inputs)}
 
 
 _NUM = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -86,14 +138,20 @@ def parse_lora_arg(text: str) -> LoraInput:
 
 
 def as_input(x) -> LoraInput:
+    """A LoraInput from a LoraInput, "FILE[:W[:W_TE]]", or (path or LoraFile, w) / (path or LoraFile, w_unet, w_te)."""
     if isinstance(x, LoraInput):
         return x
+    if isinstance(x, LoraFile):
+        x = (x, 1.0)
     if isinstance(x, (tuple, list)):
-        if len(x) == 2:
-            return LoraInput(Path(x[0]), float(x[1]), float(x[1]))
-        if len(x) == 3:
-            return LoraInput(Path(x[0]), float(x[1]), float(x[2]))
-        raise InputError(f"A LoRA is (path, weight) or (path, weight_unet, weight_te), not {x!r}.")
+        if len(x) not in (2, 3):
+            raise InputError(f"A LoRA is (path, weight) or (path, weight_unet, weight_te), not {x!r}.")
+        src = x[0]
+        w_unet = float(x[1])
+        w_te = float(x[2]) if len(x) == 3 and x[2] is not None else w_unet
+        if isinstance(src, LoraFile):
+            return LoraInput(Path(src.path or "merged in memory"), w_unet, w_te, file=src)
+        return LoraInput(Path(src), w_unet, w_te)
     return parse_lora_arg(str(x))
 
 
@@ -107,10 +165,15 @@ def common_family(files: list[LoraFile], names: list[str], extra: tuple[str, str
         for other_name, other_fam in seen:
             if other_fam != lf.family:
                 raise ArchitectureMismatchError(
-                    f"'{name}' is a {_label(lf.family)} LoRA but '{other_name}' is {_label(other_fam)}: "
+                    f"'{name}' is {_a(_label(lf.family))} LoRA but '{other_name}' is {_label(other_fam)}: "
                     f"LoRAs of different architectures cannot be merged or applied together.")
         seen.append((name, lf.family))
     return seen[0][1] if seen else None
+
+
+def _a(label: str) -> str:
+    """The article before a family label, as it is read aloud: an SD1.x, an SDXL."""
+    return f"an {label}" if label[:1] in "AEFHILMNORSX" else f"a {label}"
 
 
 def _label(family: str) -> str:
@@ -188,16 +251,19 @@ def _check_options(mode: str, density: float, majority: str) -> None:
 
 
 def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "concat", *, density: float = 1.0,
-                  seed: int = 0, majority: str = "total") -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """The merged modules, name -> (down, up, alpha), float32, from opened LoRAs and their weights."""
+                  seed: int = 0, majority: str = "total", progress=None,
+                  cancel=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The merged modules, name -> (down, up, alpha), float32, from opened LoRAs and their weights.
+    `progress(i, n, name)` is called per module; `cancel()` returning True stops with CancelledError."""
     _check_options(mode, density, majority)
-    names = [str(i.path.name) for i in inputs]
+    names = [i.name for i in inputs]
     owners: dict[str, list[int]] = {}
     for i, lf in enumerate(files):
         for name in lf.modules:
             owners.setdefault(name, []).append(i)
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for name in sorted(owners):
+    for k, name in enumerate(sorted(owners)):
+        step(progress, cancel, k, len(owners), name, "The LoRA merge")
         idx = owners[name]
         mods: list[LoraModule] = [files[i].modules[name] for i in idx]
         for i, m in zip(idx, mods):
@@ -230,39 +296,26 @@ def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "c
         down = combine(downs, w_down, mode, density=density, majority=majority, gen=gen_d)
         up = combine(ups, w_up, mode, density=density, majority=majority, gen=gen_u)
         out[name] = (down, up, float(down.shape[0]))
+    step(progress, cancel, len(owners), len(owners), "", "The LoRA merge")
     return out
 
 
 def merge(loras, out, *, mode: str = "concat", density: float = 1.0, seed: int = 0, majority: str = "total",
-          dtype: str | torch.dtype | None = "float16", overwrite: bool = False) -> Path:
-    """Merge LoRA files into a kohya LoRA at `out`.
+          dtype: str | torch.dtype | None = "float16", overwrite: bool = False, progress=None, cancel=None) -> Path:
+    """Merge LoRA files into a kohya LoRA at `out` (on the factors: merge_modules; svd.merge_svd for the SVD merge).
 
-    `loras`: LoraInput, (path, w) / (path, w_unet, w_te) or "FILE[:W[:W_TE]]" strings. Metadata: the recipe
-    as JSON under `merge_lab_recipe` (mode, density, seed, majority, dtype, each input's name, sha256 and
-    weights) and `modelspec.merged_from` (the input names, comma separated)."""
-    from ..models import check_output_path, dtype_from_name, file_hashes
+    `loras`: LoraInput, (path, w) / (path, w_unet, w_te) or "FILE[:W[:W_TE]]" strings. Metadata: recipe_metadata
+    (mode, density, seed, majority, dtype, each input's name, sha256 and weights; `modelspec.merged_from`)."""
+    from ..models import check_output_path, dtype_from_name
     inputs = [as_input(x) for x in loras]
     if not inputs:
         raise InputError("Give at least one LoRA to merge.")
     _check_options(mode, density, majority)
-    out = check_output_path(Path(out), [i.path for i in inputs], overwrite)
+    out = check_output_path(Path(out), [i.path for i in inputs if i.file is None], overwrite)
     tdt = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
-    files: list[LoraFile] = []
-    try:
-        for i in inputs:
-            files.append(open_lora(i.path))
-        names = [i.path.name for i in inputs]
-        family = common_family(files, names)
-        modules = merge_modules(files, inputs, mode, density=density, seed=seed, majority=majority)
-        recipe = {
-            "format": 1, "tool": "lora merge", "mode": mode, "density": density, "seed": seed,
-            "majority": majority, "dtype": str(tdt).replace("torch.", "") if tdt else None,
-            "family": family,
-            "loras": [{"name": i.path.name, "sha256": file_hashes(i.path)["sha256"],
-                       "weight_unet": i.w_unet, "weight_te": i.w_te} for i in inputs],
-        }
-        meta = {RECIPE_KEY: json.dumps(recipe), "modelspec.merged_from": ", ".join(names)}
+    with open_inputs(inputs) as files:
+        family = common_family(files, [i.name for i in inputs])
+        modules = merge_modules(files, inputs, mode, density=density, seed=seed, majority=majority,
+                                progress=progress, cancel=cancel)
+        meta = recipe_metadata(inputs, family, mode=mode, density=density, seed=seed, majority=majority, dtype=tdt)
         return save_kohya(modules, out, meta, family=family, dtype=tdt, overwrite=overwrite)
-    finally:
-        for lf in files:
-            lf.close()

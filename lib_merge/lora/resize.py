@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .merge import step
 from .svd import SvdError, max_rank as _max_rank, svd_top
 
 RULES = ("sv_ratio", "sv_cumulative", "sv_fro")
@@ -70,7 +71,7 @@ def rank_by_rule(S: torch.Tensor, rule: str, x: float) -> int:
 
 def resize(lora_path, out, rank: int | None = None, dynamic: str | None = None, max_rank: int | None = None, *,
            conv_rank: int | None = None, dtype: torch.dtype = torch.float16, overwrite: bool = False,
-           progress=None) -> ResizeResult:
+           progress=None, cancel=None) -> ResizeResult:
     """Write `lora_path` resized to `rank` (3x3 convs: `conv_rank`, default `rank`) or by the `dynamic` rule
     ('sv_ratio:X' | 'sv_cumulative:X' | 'sv_fro:X', capped by `max_rank` / `rank`). Uses the full SVD (every
     singular value is needed for the rules and the retained fraction)."""
@@ -89,6 +90,7 @@ def resize(lora_path, out, rank: int | None = None, dynamic: str | None = None, 
         modules = {}
         names = list(lf.modules)
         for i, name in enumerate(names):
+            step(progress, cancel, i, len(names), name, "The resize")
             m = lf.modules[name]
             dw = lf.delta(name)
             conv3 = dw.dim() == 4 and tuple(dw.shape[2:]) != (1, 1)
@@ -113,8 +115,7 @@ def resize(lora_path, out, rank: int | None = None, dynamic: str | None = None, 
                 up = up.reshape(dw.shape[0], k, 1, 1)
                 down = down.reshape(k, *dw.shape[1:])
             modules[name] = (down.contiguous().to(dtype), up.contiguous().to(dtype), float(k))
-            if progress:
-                progress(i + 1, len(names), name)
+        step(progress, cancel, len(names), len(names), "", "The resize")
         meta = {k: v for k, v in lf.metadata.items() if k.startswith(("ss_", "modelspec."))}
         for k in ("ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_network_module",
                   "modelspec.title", "modelspec.date"):

@@ -4,8 +4,9 @@
 (out, in, kh, kw) flattened to (out, in·kh·kw)) into kohya factors `up = U·S`, `down = Vh` with alpha = rank
 (scale 1), so `up @ down` is the best rank-r approximation (Eckart–Young) before the optional clamp.
 
-`merge_svd(loras, ...)` materialises every LoRA's ΔW = up@down·α/r, combines them per module ("add", "ties",
-"dare_linear", "dare_ties", "magnitude_prune", PEFT's definitions), and factorises the result.
+`svd_merge_modules` / `merge_svd(loras, ...)` materialise every LoRA's ΔW = up@down·α/r, combine them per
+module with merge.combine ("add", "ties", "dare_linear", "dare_ties", "magnitude_prune": PEFT's definitions),
+and factorise the result.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArchitectureMismatchError, InputError
+from ..errors import InputError
 from ..randomness import generator_for, key_seed
 
 METHODS = ("auto", "full", "lowrank")
@@ -108,168 +109,101 @@ def factorize(delta: torch.Tensor, rank: int, *, clamp_quantile: float | None = 
 
 
 def compose(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """up@down back to ΔW's shape (linear, 1x1 or kxk conv)."""
-    if down.dim() == 2:
-        return up @ down
-    r = down.shape[0]
-    return (up.reshape(up.shape[0], r) @ down.reshape(r, -1)).reshape(up.shape[0], *down.shape[1:])
+    """up@down back to ΔW's shape (linear, 1x1 or kxk conv): the one composition, in formats.py."""
+    from .formats import compose as _compose
+    return _compose(up, down)
 
 
-# --------------------------------------------------------------------------------- combining deltas
-
-def _prune_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
-    if density >= 1:
-        return t
-    k = int(density * t.numel())
-    if k <= 0:
-        return torch.zeros_like(t)
-    flat = t.reshape(-1)
-    idx = flat.abs().topk(k).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx]
-    return out.reshape(t.shape)
-
-
-def _prune_random(t: torch.Tensor, density: float, g: torch.Generator) -> torch.Tensor:
-    if density >= 1:
-        return t
-    keep = torch.rand(t.shape, generator=g, dtype=torch.float32) < density
-    return torch.where(keep, t / density, torch.zeros_like(t))
-
-
-def _disjoint(weighted: torch.Tensor) -> torch.Tensor:
-    """Sign election by the weighted sum (ties -> +), then the mean over the entries that agree."""
-    sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    agree = torch.sign(weighted) == sign
-    return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
-
-
-def combine(deltas: list[torch.Tensor], weights: list[float], mode: str = "add", *, density: float = 1.0,
-            seed: int = 0, key: str = "") -> torch.Tensor:
-    """Merge full deltas of one module. PEFT's definitions: add = Σ wᵢΔᵢ; magnitude_prune = Σ wᵢ·top-k(Δᵢ);
-    ties = top-k by magnitude, sign elected per element by the weighted sum, mean of the weighted entries that
-    agree; dare_linear = Σ wᵢ·drop(Δᵢ)/density; dare_ties = random drop and rescale, then the TIES election
-    and disjoint mean. Random drops use a CPU generator seeded from (seed, key, LoRA index)."""
-    if mode not in MODES:
-        raise SvdError(f"Unknown merge mode '{mode}': use {', '.join(MODES)}.")
-    if not 0 < density <= 1:
-        raise SvdError(f"density must be in (0, 1] (got {density}).")
-    if mode == "add":
-        return sum(w * d for w, d in zip(weights, deltas))
-    if mode in ("magnitude_prune", "ties"):
-        pruned = [_prune_magnitude(d, density) for d in deltas]
-    else:
-        pruned = [_prune_random(d, density, generator_for(seed, key, f"dare{i}")) for i, d in enumerate(deltas)]
-    if mode in ("magnitude_prune", "dare_linear"):
-        return sum(w * d for w, d in zip(weights, pruned))
-    return _disjoint(torch.stack([w * d for w, d in zip(weights, pruned)]))
+def retained_fraction(dw: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
+    """√(1 − ‖ΔW − up@down‖²/‖ΔW‖²): the share of ΔW's Frobenius norm a factorisation keeps (1 for ΔW = 0)."""
+    total = float(dw.double().pow(2).sum())
+    if total == 0.0:
+        return 1.0
+    return math.sqrt(max(0.0, 1.0 - float((dw - compose(up, down)).double().pow(2).sum()) / total))
 
 
 # ------------------------------------------------------------------------------------------ merge_svd
 
 @dataclass
-class LoraInput:
-    """One LoRA of an SVD merge: its file and weights for the U-Net and the text encoder(s)."""
-    path: str | Path
-    unet: float = 1.0
-    te: float | None = None     # None: same as unet
-
-    @property
-    def te_weight(self) -> float:
-        return self.unet if self.te is None else self.te
-
-
-def _as_input(x) -> LoraInput:
-    if isinstance(x, LoraInput):
-        return x
-    if isinstance(x, (str, Path)):
-        return LoraInput(x)
-    x = tuple(x)
-    if len(x) == 2:
-        return LoraInput(x[0], float(x[1]))
-    if len(x) == 3:
-        return LoraInput(x[0], float(x[1]), None if x[2] is None else float(x[2]))
-    raise SvdError(f"A LoRA to merge is a path, (path, weight) or (path, unet_weight, te_weight); got {x!r}.")
-
-
-@dataclass
 class MergeSvdResult:
-    path: Path
+    path: Path | None
     family: str | None
     modules: int
     retained: dict[str, float]      # module -> retained Frobenius fraction of the combined ΔW
     warnings: list[str]
 
 
-def merge_svd(loras, out_path, *, mode: str = "add", density: float = 1.0, rank: int = 32,
-              conv_rank: int | None = None, clamp_quantile: float | None = 0.99, seed: int = 0,
-              method: str = "auto", dtype: torch.dtype = torch.float16, overwrite: bool = False,
-              progress=None) -> MergeSvdResult:
-    """Merge LoRAs through their full deltas and write one kohya LoRA of `rank` (3x3 convs: `conv_rank`,
-    default `rank`), alpha = rank. A module present in only some LoRAs counts as zero in the others.
-    LoRAs of different architectures are refused."""
-    from .formats import open_lora, save_kohya
-    from . import keys as K
-    inputs = [_as_input(x) for x in loras]
-    if not inputs:
-        raise SvdError("Give at least one LoRA to merge.")
+def svd_merge_modules(files, inputs, *, mode: str = "add", density: float = 1.0, rank: int = 32,
+                      conv_rank: int | None = None, clamp_quantile: float | None = 0.99, seed: int = 0,
+                      majority: str = "total", method: str = "auto", progress=None, cancel=None):
+    """The SVD merge of opened LoRAs, in memory: ({name: (down, up, alpha)} float32, {name: retained}, warnings).
+
+    Per module: every LoRA's ΔW (zero where a LoRA lacks the module), combined with merge.combine (PEFT's
+    definitions, on full deltas; `concat` is `add` here, the exact weighted sum), then factorised to `rank`
+    (3x3 convs: `conv_rank`, default `rank`), alpha = rank. DARE draws come from one CPU generator per
+    (seed, module), LoRA after LoRA."""
+    from .merge import _check_options, combine, step
+    mode = "add" if mode == "concat" else mode
     if mode not in MODES:
         raise SvdError(f"Unknown merge mode '{mode}': use {', '.join(MODES)}.")
-    if not 0 < density <= 1:
+    _check_options(mode, density, majority)
+    if mode != "add" and density <= 0:
         raise SvdError(f"density must be in (0, 1] (got {density}).")
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise SvdError("The rank and conv rank must be at least 1.")
-    from ..models import check_output_path
-    out_path = check_output_path(Path(out_path), [Path(x.path) for x in inputs], overwrite)   # before any work
-    files = []
-    try:
-        for x in inputs:
-            files.append(open_lora(x.path))
-        family, first = None, None
-        for x, lf in zip(inputs, files):
-            if lf.family is None:
-                continue
-            if family is None:
-                family, first = lf.family, x
-            elif lf.family != family:
-                raise ArchitectureMismatchError(
-                    f"Cannot merge '{Path(first.path).name}' ({family}) with '{Path(x.path).name}' ({lf.family}): "
-                    f"LoRAs of different architectures do not share modules. Pick LoRAs of one family.")
-        warnings = [w for lf in files for w in lf.warnings]
-        names = sorted(set().union(*(lf.modules for lf in files)))
-        out_modules, retained = {}, {}
-        for i, name in enumerate(names):
-            shapes = {tuple(lf.modules[name].shape) for lf in files if name in lf.modules}
-            if len(shapes) > 1:
-                raise SvdError(f"Module '{name}' has different shapes in the LoRAs ({sorted(shapes)}): they are "
-                               f"not for the same model.")
-            shape = shapes.pop()
-            is_te = K.part_of(name) in ("te", "te1", "te2")
-            deltas, weights = [], []
-            for x, lf in zip(inputs, files):
-                deltas.append(lf.delta(name) if name in lf.modules else torch.zeros(shape))
-                weights.append(x.te_weight if is_te else x.unet)
-            dw = combine(deltas, weights, mode, density=density, seed=seed, key=name)
-            del deltas
-            total = float(dw.double().pow(2).sum())
-            if total == 0.0:
-                warnings.append(f"{name}: the merged ΔW is zero; the module is left out.")
-                continue
-            conv3 = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
-            r = (conv_rank or rank) if conv3 else rank
-            up, down, _ = factorize(dw, r, clamp_quantile=clamp_quantile, method=method,
-                                    seed=key_seed(seed, name, "svd") & 0x7FFFFFFF)
-            approx = compose(up, down)
-            retained[name] = math.sqrt(max(0.0, 1.0 - float((dw - approx).double().pow(2).sum()) / total))
-            out_modules[name] = (down.to(dtype), up.to(dtype), float(down.shape[0]))
-            if progress:
-                progress(i + 1, len(names), name)
-        if not out_modules:
-            raise SvdError("The merged LoRA would be empty (every module's ΔW is zero).")
-        meta = {"ss_training_comment": f"SVD merge ({mode}, density {density}) of "
-                                       + ", ".join(f"{Path(x.path).name}:{x.unet}" for x in inputs)}
-        path = save_kohya(out_modules, out_path, meta, family=family, overwrite=overwrite)
-        return MergeSvdResult(path, family, len(out_modules), retained, warnings)
-    finally:
-        for lf in files:
-            lf.close()
+    warnings = [w for lf in files for w in lf.warnings]
+    names = sorted(set().union(*(lf.modules for lf in files)))
+    out_modules, retained = {}, {}
+    for i, name in enumerate(names):
+        step(progress, cancel, i, len(names), name, "The SVD merge")
+        shapes = {tuple(lf.modules[name].shape) for lf in files if name in lf.modules}
+        if len(shapes) > 1:
+            raise SvdError(f"Module '{name}' has different shapes in the LoRAs ({sorted(shapes)}): they are "
+                           f"not for the same model.")
+        shape = shapes.pop()
+        deltas = [lf.delta(name) if name in lf.modules else torch.zeros(shape) for lf in files]
+        weights = [x.weight(name) for x in inputs]
+        gen = generator_for(seed, name, "lora_merge_svd") if mode.startswith("dare") else None
+        dw = combine(deltas, weights, mode, density=density, majority=majority, gen=gen)
+        del deltas
+        if not bool(dw.any()):
+            warnings.append(f"{name}: the merged ΔW is zero; the module is left out.")
+            continue
+        conv3 = len(shape) == 4 and tuple(shape[2:]) != (1, 1)
+        r = (conv_rank or rank) if conv3 else rank
+        up, down, _ = factorize(dw, r, clamp_quantile=clamp_quantile, method=method,
+                                seed=key_seed(seed, name, "svd") & 0x7FFFFFFF)
+        retained[name] = retained_fraction(dw, up, down)
+        out_modules[name] = (down, up, float(down.shape[0]))
+    step(progress, cancel, len(names), len(names), "", "The SVD merge")
+    if not out_modules:
+        raise SvdError("The merged LoRA would be empty (every module's ΔW is zero).")
+    return out_modules, retained, warnings
+
+
+def merge_svd(loras, out_path, *, mode: str = "add", density: float = 1.0, rank: int = 32,
+              conv_rank: int | None = None, clamp_quantile: float | None = 0.99, seed: int = 0,
+              majority: str = "total", method: str = "auto", dtype: torch.dtype | str = torch.float16,
+              overwrite: bool = False, progress=None, cancel=None) -> MergeSvdResult:
+    """Merge LoRAs through their full deltas and write one kohya LoRA of `rank` (svd_merge_modules).
+
+    `loras`: LoraInput, (path, w) / (path, w_unet, w_te) or "FILE[:W[:W_TE]]". LoRAs of different
+    architectures are refused. The recipe goes into the metadata (`merge_lab_recipe`) as for `merge`."""
+    from ..models import check_output_path, dtype_from_name
+    from .formats import save_kohya
+    from .merge import as_input, common_family, open_inputs, recipe_metadata
+    inputs = [as_input(x) for x in loras]
+    if not inputs:
+        raise SvdError("Give at least one LoRA to merge.")
+    out_path = check_output_path(Path(out_path), [i.path for i in inputs if i.file is None], overwrite)
+    tdt = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    with open_inputs(inputs) as files:
+        family = common_family(files, [i.name for i in inputs])
+        modules, retained, warnings = svd_merge_modules(
+            files, inputs, mode=mode, density=density, rank=rank, conv_rank=conv_rank,
+            clamp_quantile=clamp_quantile, seed=seed, majority=majority, method=method, progress=progress,
+            cancel=cancel)
+        meta = recipe_metadata(inputs, family, mode=mode, density=density, seed=seed, majority=majority,
+                               rank=rank, conv_rank=conv_rank, clamp_quantile=clamp_quantile, dtype=tdt)
+        path = save_kohya(modules, out_path, meta, family=family, dtype=tdt, overwrite=overwrite)
+    return MergeSvdResult(path, family, len(modules), retained, warnings)

@@ -366,6 +366,8 @@ class LoraTools(Section):
         step: list = [None, ""]
 
         def prepare():
+            from ..lora.merge import LoraInput, merge
+            from ..lora.svd import merge_svd
             items = parse_lora_lines(self.host, v.get("lora_merge_list") or "")
             mode = v.get("lora_merge_mode") or "concat"
             if mode not in MODES:
@@ -376,24 +378,23 @@ class LoraTools(Section):
             out = self._check_out(v, self._lora_out(v, name), [p for p, *_ in items])
             dtype = self._dtype(v)
             overwrite = bool(v.get("lora_overwrite"))
+            inputs = [LoraInput(p, wu, wt) for p, wu, wt, _ in items]
             if mode in SVD_MODES:
-                from ..lora.svd import LoraInput as SvdInput, merge_svd
                 rank = _int(v.get("lora_merge_rank"), "SVD rank", 1)
                 conv = _int(v.get("lora_merge_conv_rank") or 0, "SVD conv rank") or None
 
                 def work() -> str:
-                    r = merge_svd([SvdInput(p, wu, wt) for p, wu, wt, _ in items], out, mode=mode[4:],
-                                  density=density, rank=rank, conv_rank=conv, seed=seed, dtype=dtype,
-                                  overwrite=overwrite, progress=self._progress(step))
+                    r = merge_svd(inputs, out, mode=mode[4:], density=density, rank=rank, conv_rank=conv, seed=seed,
+                                  dtype=dtype, overwrite=overwrite, progress=self._progress(step),
+                                  cancel=self.host.interrupted)
                     kept = sum(r.retained.values()) / len(r.retained) if r.retained else float("nan")
                     return "\n".join([f"Wrote {r.path} ({r.modules} modules at rank {rank}, {kept:.1%} of ΔW "
                                       f"kept on average)."] + r.warnings[:20])
                 return work
-            from ..lora.merge import LoraInput, merge
 
             def work() -> str:
-                path = merge([LoraInput(p, wu, wt) for p, wu, wt, _ in items], out, mode=mode, density=density,
-                             seed=seed, dtype=dtype, overwrite=overwrite)
+                path = merge(inputs, out, mode=mode, density=density, seed=seed, dtype=dtype, overwrite=overwrite,
+                             progress=self._progress(step), cancel=self.host.interrupted)
                 return f"Wrote {path} ({mode} of {len(items)} LoRA{'s' if len(items) > 1 else ''})."
             return work
         yield from self._job("lora_merge_status", "Merging LoRAs", prepare, step)
@@ -420,7 +421,8 @@ class LoraTools(Section):
 
             def work() -> str:
                 r = resize(src, out, rank=rank if not rule else None, dynamic=rule, max_rank=rank if rule else None,
-                           conv_rank=conv, dtype=dtype, overwrite=overwrite, progress=self._progress(step))
+                           conv_rank=conv, dtype=dtype, overwrite=overwrite, progress=self._progress(step),
+                           cancel=self.host.interrupted)
                 new = sorted({k for _, k in r.ranks.values()})
                 return "\n".join([f"Wrote {r.path}: ranks {', '.join(map(str, new))}, {mean_retained(r):.1%} of ΔW "
                                   f"kept on average."] + r.warnings[:20])
@@ -448,7 +450,7 @@ class LoraTools(Section):
 
             def work() -> str:
                 r = extract(base, tuned, out, rank, conv, dtype=dtype, overwrite=overwrite,
-                            progress=self._progress(step))
+                            progress=self._progress(step), cancel=self.host.interrupted)
                 kept = sum(r.retained.values()) / len(r.retained) if r.retained else float("nan")
                 return "\n".join([f"Wrote {r.path} ({FAMILY_LABEL.get(r.family, r.family)}, {r.modules} modules at "
                                   f"rank {rank}, {kept:.1%} of ΔW kept on average)."] + r.messages[:20])
