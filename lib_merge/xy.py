@@ -292,7 +292,7 @@ class Cell:
     row: int
     col: int
     label: str
-    recipe: Recipe
+    recipe: Any                           # what the cell's model is: a Recipe, or a LoRA plot's merge
     request: GenerationRequest
 
 
@@ -301,7 +301,7 @@ class XYResult:
     grid_image: Any                       # PIL image
     images: list                          # one per cell, row by row (row = Y value, column = X value)
     labels: list[str]                     # one per cell: "α = 0.5 | GRAD_V"
-    recipes: list[Recipe]                 # one per cell
+    recipes: list                         # one per cell (Recipe, or the LoRA plot's merge settings)
     merges_done: int                      # merges into memory (once per distinct recipe)
     x_labels: list[str] = field(default_factory=list)
     y_labels: list[str] = field(default_factory=list)
@@ -370,51 +370,78 @@ def run_xy(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None, request: Ge
            cancel: Callable[[], bool] | None = None, device: str | None = None) -> XYResult:
     """Merge each distinct recipe once, generate its cells, compose and save the labelled grid."""
     started = time.monotonic()
+    check_can_plot(host, x, y)
+    cells = plan_cells(host, base_recipe, x, y, request)
+    saved: list[Path] = []
+
+    def load(recipe: Recipe, label: str, folder: Path, report: Callable[[str], None], check_cancel) -> None:
+        s = session.merge_to_memory(host, recipe, device=device)
+        if not s.ok:
+            raise MergeError(f"XY plot, merge for {label}: {s.message}")
+        if save_models:
+            check_cancel()
+            name = _sanitise(f"xy_{folder.name}_{label}")
+            report(f"Saving {name}")
+            s = session.save(host, recipe, name, device=device)
+            if not s.ok:
+                raise MergeError(f"XY plot, saving the model of {label}: {s.message}")
+            saved.append(Path(s.path))
+
+    result = run_grid(host, cells, x, y, key=lambda r: r.public_json(), load=load, progress=progress,
+                      cancel=cancel, started=started)
+    result.saved_models = saved
+    if saved:
+        result.message = result.message.removesuffix(".") + f"; {len(saved)} model(s) saved."
+    return result
+
+
+def check_can_plot(host: Host, x, y) -> None:
     if not host.can_generate:
         raise MergeError(f"The XY plot makes preview images, and this host ({host.name}) cannot generate "
                          f"them: previews need the WebUI, or diffusers for the standalone app.")
-    if not isinstance(x, Axis) or (y is not None and not isinstance(y, Axis)):
+    if x is None or not hasattr(x, "values") or (y is not None and not hasattr(y, "values")):
         raise InputError("XY plot: the axes must be Axis objects (Axis(kind, values)).")
-    cells = plan_cells(host, base_recipe, x, y, request)
+
+
+def run_grid(host: Host, cells: list[Cell], x, y, *, key: Callable[[Any], str], load, progress=None, cancel=None,
+             started: float | None = None) -> XYResult:
+    """The plot's loop, whatever a cell's model is (a merge recipe, a LoRA merge): cells whose models share
+    `key(cell.recipe)` share one `load(recipe, label, folder, report, check_cancel)` (which puts that model
+    in the host's live model), and all of its cells are generated before the next load. The cells' images
+    and the grid are written as PNGs with their infotexts into <output folder>/xy/<timestamp>/."""
+    started = time.monotonic() if started is None else started
     total = len(cells)
     groups: dict[str, list[Cell]] = {}
-    for cell in cells:   # first appearance order: a seed-only axis keeps one merge for its cells
-        groups.setdefault(cell.recipe.public_json(), []).append(cell)
+    for cell in cells:   # first appearance order: a seed-only axis keeps one load for its cells
+        groups.setdefault(key(cell.recipe), []).append(cell)
 
     folder = _new_folder(Path(host.output_dir()) / "xy")
-    stamp = folder.name
     images: dict[int, Any] = {}
     infotexts: dict[int, str] = {}
     paths: dict[int, Path] = {}
-    saved: list[Path] = []
-    merges = done = 0
+    loads = done = 0
 
     def report(text: str) -> None:
         if progress is not None:
             progress(done / total, text)
 
+    def stopped() -> CancelledError:
+        return CancelledError(f"XY plot interrupted after {done} of {total} cells; the images made so far "
+                              f"are in {folder}.")
+
     def check_cancel() -> None:
         if cancel is not None and cancel():
-            raise CancelledError(f"XY plot interrupted after {done} of {total} cells; the images made so far "
-                                 f"are in {folder}.")
+            raise stopped()
 
     for group in groups.values():
-        recipe = group[0].recipe
-        recipe_label = _recipe_label(x, y, group[0])
+        label = _recipe_label(x, y, group[0])
         check_cancel()
-        report(f"Merging {recipe_label} ({merges + 1} of {len(groups)} merges)")
-        s = session.merge_to_memory(host, recipe, device=device)
-        if not s.ok:
-            raise MergeError(f"XY plot, merge for {recipe_label}: {s.message}")
-        merges += 1
-        if save_models:
-            check_cancel()
-            name = _sanitise(f"xy_{stamp}_{recipe_label}")
-            report(f"Saving {name}")
-            s = session.save(host, recipe, name, device=device)
-            if not s.ok:
-                raise MergeError(f"XY plot, saving the model of {recipe_label}: {s.message}")
-            saved.append(Path(s.path))
+        report(f"Merging {label} ({loads + 1} of {len(groups)} merges)")
+        try:
+            load(group[0].recipe, label, folder, report, check_cancel)
+        except CancelledError:
+            raise stopped() from None
+        loads += 1
         for cell in group:
             check_cancel()
             report(f"Generating {cell.label} (cell {done + 1} of {total})")
@@ -439,11 +466,10 @@ def run_xy(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None, request: Ge
     seconds = time.monotonic() - started
     done = total
     report("Done")
-    message = (f"XY plot: {total} image(s) from {merges} merge(s) in {seconds:.1f} s, saved in {folder}"
-               + (f"; {len(saved)} model(s) saved" if saved else "") + ".")
+    message = f"XY plot: {total} image(s) from {loads} merge(s) in {seconds:.1f} s, saved in {folder}."
     return XYResult(grid, [images[i] for i in order], [c.label for c in cells], [c.recipe for c in cells],
-                    merges, x_labels, y_labels, [infotexts[i] for i in order], folder,
-                    [paths[i] for i in order], grid_path, saved, margins, cell_size, seconds, message)
+                    loads, x_labels, y_labels, [infotexts[i] for i in order], folder,
+                    [paths[i] for i in order], grid_path, [], margins, cell_size, seconds, message)
 
 
 def _recipe_label(x: Axis, y: Axis | None, cell: Cell) -> str:
@@ -575,5 +601,5 @@ def kind_choices() -> list[str]:
     return ["alpha", "beta", "preset", "method", "seed", "recipe"] + [f"param:{n}" for n in names]
 
 
-__all__ = ["Axis", "XYResult", "Cell", "run_xy", "plan_cells", "apply_value", "compose_grid", "save_png",
+__all__ = ["Axis", "XYResult", "Cell", "run_xy", "run_grid", "check_can_plot", "plan_cells", "apply_value", "compose_grid", "save_png",
            "fmt_value", "kind_choices", "KINDS"]

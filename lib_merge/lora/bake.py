@@ -47,6 +47,7 @@ class BakeResult:
     state: dict[str, torch.Tensor] | None
     touched: list[str]
     warnings: list[str] = field(default_factory=list)
+    recipe: dict = field(default_factory=dict)     # what went into the metadata (merge_lab_recipe)
 
 
 def _plan(files: list[LoraFile], inputs: list[LoraInput], lbws: list, family: str, shapes: dict,
@@ -171,7 +172,7 @@ def bake(checkpoint, loras, out=None, *, lbw=None, dtype: str | torch.dtype | No
             raise
     path = output if isinstance(output, Path) else None
     state = output if isinstance(sink, DictSink) else None
-    return BakeResult(path, state, sorted(plan), warnings)
+    return BakeResult(path, state, sorted(plan), warnings, recipe)
 
 
 def _baked(mf, key: str, terms: list[_Term] | None, files: list[LoraFile]) -> torch.Tensor:

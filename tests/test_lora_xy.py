@@ -1,0 +1,223 @@
+"""LoRA XY plots (lib_merge/lora/xy.py) and LoRAs baked into the live model (lora/live.py), on a standalone host
+that generates with tiny runnable SD1 models, plus the LoRA tools' progress and Interrupt."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from lib_merge.errors import ArchitectureMismatchError, CancelledError, InputError, MergeError
+from lib_merge.host import GenerationRequest
+from lib_merge.lora import xy as lxy
+from lib_merge.lora.bake import bake
+from lib_merge.lora.live import bake_into_host
+from lib_merge.lora.merge import LoraInput, RankMismatchError
+from lib_merge.models import open_model
+from test_lora_merge import SD1, XL, make_modules, write_lora  # noqa: E402  (tests/ is on sys.path)
+
+REQ = GenerationRequest(prompt="a cat", seed=7, steps=2, width=64, height=64)
+
+
+@pytest.fixture
+def setup(previewing_host, runnable_models, tmp_path):
+    """The host, its checkpoint r1, and two LoRAs for it: A (rank 2, seven modules), B (rank 3, three)."""
+    ckpt = runnable_models / "r1.safetensors"
+    with open_model(ckpt) as mf:
+        state = {k: mf.read(k) for k in mf.keys()}
+    a = write_lora(tmp_path, "a.safetensors", make_modules(state, "sd1", list(SD1.values()), rank=2, seed=1), "sd1")
+    b = write_lora(tmp_path, "b.safetensors",
+                   make_modules(state, "sd1", [SD1["to_k"], SD1["conv"], SD1["te_q"]], rank=3, seed=2), "sd1")
+    return previewing_host, ckpt, state, a, b
+
+
+@pytest.fixture
+def merges(monkeypatch):
+    """The LoRA merges the plot computes (a cell whose strengths are all 0 needs none)."""
+    calls = []
+    real = lxy.merged_lora
+
+    def counting(files, plot, m, *a, **kw):
+        out = real(files, plot, m, *a, **kw)
+        if out is not None:
+            calls.append(m)
+        return out
+    monkeypatch.setattr(lxy, "merged_lora", counting)
+    return calls
+
+
+def live_state(host) -> dict[str, torch.Tensor]:
+    return {k: t.detach().clone() for k, t in host.generator.module_targets().items()}
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_strength_grid_merges_each_cell_once_and_leaves_exactly_the_last_cell(setup, merges):
+    host, ckpt, state, a, b = setup
+    plot = lxy.LoraPlot(ckpt, [LoraInput(a), LoraInput(b)], mode="concat")
+    x, y = lxy.LoraAxis("strength:1", "0, 1"), lxy.LoraAxis("strength:2", "0-0.5 (2)")
+    r = lxy.run_lora_xy(host, plot, x, y, REQ)
+    assert len(merges) == 3 and r.merges_done == 4          # the all-zero cell needs no merge: the bare checkpoint
+    assert [m.strengths for m in merges] == [((1.0, 1.0), (0.0, 0.0)), ((0.0, 0.0), (0.5, 0.5)),
+                                             ((1.0, 1.0), (0.5, 0.5))]
+    assert r.x_labels == ["a = 0", "a = 1"] and r.y_labels == ["b = 0", "b = 0.5"]
+    assert len(r.images) == 4 and r.grid_path.is_file() and all(p.is_file() for p in r.paths)
+    # the live model holds the checkpoint plus the LAST cell's LoRAs, nothing left from earlier cells
+    want = bake(ckpt, [(a, 1.0), (b, 0.5)], None, dtype=None).state
+    live = live_state(host)
+    touched = set(bake(ckpt, [(a, 1.0), (b, 0.5)], None, dtype=None).touched)
+    assert touched and len(touched) == 7
+    for k, t in live.items():
+        if k in touched:
+            torch.testing.assert_close(t, want[k].to(t.dtype), rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(t, state[k].to(t.dtype)), k
+    # cell (a=0, b=0) is the bare checkpoint: the same pixels as a preview of r1 itself
+    host.generator.load(state, "sd1", name="r1")
+    bare = host.generator.generate(REQ).images[0]
+    assert np.array_equal(pixels(r.images[0]), pixels(bare))
+    assert not np.array_equal(pixels(r.images[0]), pixels(r.images[3]))
+    # every image's infotext names its cell and carries the cell's LoRA recipe
+    info = r.infotexts[3]
+    assert "Model: r1 + LoRAs (a = 1 | b = 0.5)" in info
+    recipe = json.loads(json.loads(re.search(r'Merge Lab recipe: (".*")', info).group(1)))
+    cell = recipe["loras"][0]["recipe"]
+    assert cell["tool"] == "lora xy" and cell["mode"] == "concat"
+    assert [(x["name"], x["strength_unet"], x["strength_te"]) for x in cell["loras"]] == [
+        ("a.safetensors", 1.0, 1.0), ("b.safetensors", 0.5, 0.5)]
+
+
+def test_unet_and_te_strengths_are_separate_axes(setup, merges):
+    host, ckpt, state, a, b = setup
+    plot = lxy.LoraPlot(ckpt, [LoraInput(a, 0.7, 0.7)])
+    r = lxy.run_lora_xy(host, plot, lxy.LoraAxis("strength:1:unet", [0.0, 1.0]),
+                        lxy.LoraAxis("strength:1:te", [0.25]), REQ)
+    assert [m.strengths for m in merges] == [((0.0, 0.25),), ((1.0, 0.25),)]
+    assert r.x_labels == ["a UNet = 0", "a UNet = 1"] and r.y_labels == ["a TE = 0.25"]
+    live = live_state(host)
+    want = bake(ckpt, [(a, 1.0, 0.25)], None, dtype=None).state
+    te_key = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    unet_key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    for k in (te_key, unet_key):
+        torch.testing.assert_close(live[k], want[k].to(live[k].dtype), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(live[te_key], state[te_key].to(live[te_key].dtype))
+
+
+def test_seed_axis_shares_one_merge_and_mode_axis_runs_the_svd_merge(setup, merges):
+    host, ckpt, state, a, b = setup
+    plot = lxy.LoraPlot(ckpt, [LoraInput(a), LoraInput(b)], rank=2)
+    r = lxy.run_lora_xy(host, plot, lxy.LoraAxis("seed", "1, 2"), lxy.LoraAxis("mode", "concat, svd_ties"), REQ)
+    assert r.merges_done == 2 and len(merges) == 2 and len(r.images) == 4
+    assert [m.mode for m in merges] == ["concat", "svd_ties"] and all(m.svd for m in merges)
+    assert not np.array_equal(pixels(r.images[0]), pixels(r.images[1]))     # seeds 1 and 2
+    assert "Seed: 1," in r.infotexts[0] and "Seed: 2," in r.infotexts[1]
+
+
+def test_merged_lora_in_memory_follows_rank_density_and_mode(setup):
+    host, ckpt, state, a, b = setup
+    plot = lxy.LoraPlot(ckpt, [LoraInput(a), LoraInput(b)])
+    from lib_merge.lora.merge import open_inputs
+    names = ["a.safetensors", "b.safetensors"]
+    with open_inputs(plot.loras) as files:
+        base = lxy.LoraMerge(((1.0, 1.0), (1.0, 1.0)), "concat", 1.0, None, None, 0, "total")
+        concat = lxy.merged_lora(files, plot, base, names, "sd1")
+        assert {m.rank for m in concat.modules.values()} == {2, 5}           # ranks add up where both have it
+        to_k = SD1["to_k"]
+        torch.testing.assert_close(concat.delta(to_k), files[0].delta(to_k) + files[1].delta(to_k))
+        svd = lxy.merged_lora(files, plot, lxy.LoraAxis("rank", [1]).apply(base, 0), names, "sd1")
+        assert {m.rank for m in svd.modules.values()} == {1}
+        with pytest.raises(RankMismatchError, match="equal ranks"):
+            lxy.merged_lora(files, plot, lxy.LoraAxis("mode", ["ties"]).apply(base, 0), names, "sd1")
+        zero = lxy.merged_lora(files, plot, lxy.LoraAxis("strength:1", [0]).apply(
+            lxy.LoraAxis("strength:2", [0]).apply(base, 0), 0), names, "sd1")
+        assert zero is None
+
+
+def test_bad_axes_and_settings_say_what_is_wrong(setup):
+    host, ckpt, state, a, b = setup
+    plot = lxy.LoraPlot(ckpt, [LoraInput(a), LoraInput(b)])
+    for kind, values, words in [("strength", "1", "strength:N"), ("strength:1:clip", "1", "unet or te"),
+                                ("colour", "1", "unknown axis kind"), ("density", "1.5", "between 0 and 1"),
+                                ("rank", "0", "at least 1"), ("rank", "2.5", "whole numbers"),
+                                ("mode", "blend", "unknown merge mode"), ("strength:1", "", "no values")]:
+        with pytest.raises(InputError, match=words):
+            lxy.LoraAxis(kind, values)
+    with pytest.raises(InputError, match="names LoRA 3"):
+        lxy.run_lora_xy(host, plot, lxy.LoraAxis("strength:3", "1"), None, REQ)
+    with pytest.raises(InputError, match="both set"):
+        lxy.run_lora_xy(host, plot, lxy.LoraAxis("density", "1"), lxy.LoraAxis("density", "0.5"), REQ)
+    with pytest.raises(InputError, match="DARE needs a density above 0"):
+        lxy.run_lora_xy(host, plot, lxy.LoraAxis("mode", "dare_linear"), lxy.LoraAxis("density", "0"), REQ)
+    with pytest.raises(MergeError, match="merge for mode = ties|equal ranks"):
+        lxy.run_lora_xy(host, plot, lxy.LoraAxis("mode", "ties"), None, REQ)
+
+
+def test_lora_of_another_architecture_is_refused_before_any_work(setup, tiny, tmp_path, merges):
+    host, ckpt, state, a, b = setup
+    xl = write_lora(tmp_path, "xl.safetensors", make_modules(tiny.state["sdxl_a"], "sdxl", [XL["to_k"]], seed=3), "sdxl")
+    plot = lxy.LoraPlot(ckpt, [LoraInput(a), LoraInput(xl)])
+    with pytest.raises(ArchitectureMismatchError, match="SDXL"):
+        lxy.run_lora_xy(host, plot, lxy.LoraAxis("strength:1", "0, 1"), None, REQ)
+    assert merges == [] and host.loaded is None
+
+
+def test_cancel_stops_between_cells(setup):
+    host, ckpt, state, a, b = setup
+    plot = lxy.LoraPlot(ckpt, [LoraInput(a), LoraInput(b)])
+    seen = []
+
+    def progress(fraction, text):
+        seen.append(text)
+    with pytest.raises(CancelledError, match="after 1 of 3 cells"):
+        lxy.run_lora_xy(host, plot, lxy.LoraAxis("strength:1", "0, 0.5, 1"), None, REQ, progress=progress,
+                        cancel=lambda: any(t.startswith("Generating") for t in seen[:-1]))
+
+
+def test_bake_into_host_writes_only_the_keys_asked_and_labels_the_model(setup):
+    host, ckpt, state, a, b = setup
+    r = bake_into_host(host, ckpt, [(a, 1.0)])
+    assert host.loaded.name == "r1+a" and json.loads(host.loaded.recipe_json)["tool"] == "lora bake"
+    live = live_state(host)
+    for k in r.touched:
+        assert not torch.equal(live[k], state[k].to(live[k].dtype))
+    # a partial write over the same checkpoint rewrites just those keys from the checkpoint's own values
+    with torch.no_grad():
+        untouched = next(k for k in host.generator.module_targets() if k not in r.touched)
+        host.generator.module_targets()[untouched].add_(1.0)
+    bake_into_host(host, ckpt, [(b, 0.0)], keys=r.touched)
+    live = live_state(host)
+    for k in r.touched:
+        assert torch.equal(live[k], state[k].to(live[k].dtype)), k
+    assert torch.equal(live[untouched], state[untouched].to(live[untouched].dtype) + 1.0)   # not written
+
+
+# ------------------------------------------------------------------------------ progress and Interrupt
+def test_lora_operations_report_progress_and_stop_on_interrupt_leaving_no_file(setup, tmp_path):
+    from lib_merge.lora.extract import extract
+    from lib_merge.lora.merge import merge
+    from lib_merge.lora.resize import resize
+    from lib_merge.lora.svd import merge_svd
+    host, ckpt, state, a, b = setup
+    r2 = ckpt.with_name("r2.safetensors")
+    jobs = {"merge": lambda out, **kw: merge([(a, 1.0), (b, 1.0)], out, **kw),
+            "merge_svd": lambda out, **kw: merge_svd([(a, 1.0), (b, 1.0)], out, rank=2, **kw),
+            "resize": lambda out, **kw: resize(a, out, rank=1, **kw),
+            "extract": lambda out, **kw: extract(ckpt, r2, out, 2, **kw)}
+    for name, job in jobs.items():
+        steps = []
+        job(tmp_path / f"{name}_ok.safetensors", progress=lambda i, n, key="": steps.append((i, n)))
+        n = steps[0][1]
+        assert n > 1 and steps[0][0] == 0 and steps[-1] == (n, n), name
+        out = tmp_path / f"{name}_stopped.safetensors"
+        calls = []
+
+        def cancel():
+            calls.append(1)
+            return len(calls) > 2     # Interrupt pressed during the third module
+        with pytest.raises(CancelledError, match="interrupted: nothing was written"):
+            job(out, cancel=cancel)
+        assert not out.exists() and not list(tmp_path.glob(f".{name}_stopped*")), name
