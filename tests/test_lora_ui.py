@@ -66,9 +66,11 @@ def test_section_is_built_in_the_tab_with_the_lora_and_checkpoint_lists(setup):
              for n in ("lora_info_name", "lora_merge_add", "lora_bake_ckpt")}
     assert lists["lora_info_name"] == lists["lora_merge_add"] == ["one.safetensors", "sub/two.safetensors"]
     assert lists["lora_bake_ckpt"] == ["sd1_a.safetensors", "sd1_b.safetensors"]
-    assert all(n.startswith("lora_") for n in tools.c)
+    from lib_merge.ui.tab import GENERATION_FIELDS
+    assert all(n.startswith("lora_") or n in GENERATION_FIELDS for n in tools.c)
+    assert all(tools.c[n] is tab.c[n] for n in GENERATION_FIELDS)   # the plot reads the tab's preview widgets
     # labels the WebUI would save in ui-config.json do not clash with the tab's (nor with each other)
-    labels = [tools.c[n].label for n in tools.fields] + [
+    labels = [tools.c[n].label for n in tools.fields if n not in GENERATION_FIELDS] + [
         tab.c[n].label for n in tab.fields
         if getattr(tab.c[n], "label", None) and not getattr(tab.c[n], "do_not_save_to_config", False)]
     assert len(labels) == len(set(labels)), sorted(lab for lab in labels if labels.count(lab) > 1)

@@ -221,3 +221,62 @@ def test_lora_operations_report_progress_and_stop_on_interrupt_leaving_no_file(s
         with pytest.raises(CancelledError, match="interrupted: nothing was written"):
             job(out, cancel=cancel)
         assert not out.exists() and not list(tmp_path.glob(f".{name}_stopped*")), name
+
+
+# ---------------------------------------------------------------------------------------------- the tab
+@pytest.fixture
+def tab_setup(setup, tmp_path):
+    """The Merge tab over the previewing host, with A and B in its LoRA folder."""
+    pytest.importorskip("gradio")
+    from lib_merge.ui.tab import make_tab
+    host, ckpt, state, a, b = setup
+    host.lora_dir = tmp_path / "Lora"
+    host.lora_dir.mkdir()
+    for p in (a, b):
+        p.rename(host.lora_dir / p.name)
+    return host, make_tab(host), state
+
+
+def test_tab_runs_the_lora_plot_with_the_preview_settings(tab_setup):
+    from test_lora_ui import form, text
+    from test_ui import run
+    host, tab, state = tab_setup
+    tools = tab.lora_tools
+    u = run(tools.on_xy_add(form(tools, lora_xy_add="a.safetensors", lora_xy_list="")))
+    assert u["lora_xy_list"]["value"] == "a.safetensors:1"
+    v = form(tools, lora_xy_ckpt="r1.safetensors", lora_xy_list="a.safetensors:1\nb.safetensors:0.5",
+             lora_xy_x_kind="strength:2", lora_xy_x_values="0, 1", lora_xy_y_kind="mode",
+             lora_xy_y_values="concat, svd_add", lora_xy_rank=0, prompt="a cat", gen_seed=3, steps=2, width=64,
+             height=64)
+    u = run(tools.on_xy(v))
+    assert "merge-lab-ok" in u["lora_xy_status"], text(u, "lora_xy_status")
+    assert "4 image(s) from 4 merge(s)" in text(u, "lora_xy_status")
+    gallery = u["lora_xy_gallery"]["value"]
+    assert [label for _, label in gallery] == ["grid", "b = 0 | concat", "b = 1 | concat", "b = 0 | svd_add",
+                                               "b = 1 | svd_add"]
+    assert gallery[1][0].size == (64, 64)
+    # mistakes are told in the status line, before any work
+    for changes, words in [(dict(lora_xy_ckpt=""), "Choose the checkpoint"),
+                           (dict(lora_xy_x_kind="strength:5"), "names LoRA 5"),
+                           (dict(lora_xy_list="../x.safetensors:1"), "not a LoRA name"),
+                           (dict(lora_xy_lbw="1,2,3"), "3 block weights do not fit an SD1 LoRA")]:
+        u = run(tools.on_xy({**v, **changes}))
+        assert "merge-lab-error" in u["lora_xy_status"] and words in text(u, "lora_xy_status")
+
+
+def test_tab_bakes_into_the_loaded_model_and_interrupt_is_heard(tab_setup):
+    from test_lora_ui import form, text
+    from test_ui import run
+    host, tab, state = tab_setup
+    tools = tab.lora_tools
+    v = form(tools, lora_bake_ckpt="r1.safetensors", lora_bake_list="a.safetensors:0.5")
+    u = run(tools.on_bake_live(v))
+    assert "merge-lab-ok" in u["lora_bake_status"], text(u, "lora_bake_status")
+    assert host.loaded.name == "r1+a" and "no file written" in text(u, "lora_bake_status")
+    assert not list((host.output_dir()).glob("*.safetensors"))
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    live = host.generator.module_targets()[key]
+    torch.testing.assert_close(live, bake(host.resolve_checkpoint("r1.safetensors"),
+                                          [(host.lora_dir / "a.safetensors", 0.5)], None, dtype=None).state[key])
+    u = tools.on_interrupt({})
+    assert "Interrupting" in text(u, "lora_notice") and host.interrupted() and tools._xy_stop.is_set()

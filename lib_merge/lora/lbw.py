@@ -72,7 +72,7 @@ def expand(values: list[float], family: str) -> dict[str, float]:
     names = layouts.get(len(values))
     if names is None:
         counts = " or ".join(str(n) for n in layouts)
-        raise InputError(f"{len(values)} block weights do not fit a {family.upper()} LoRA: give {counts} values "
+        raise InputError(f"{len(values)} block weights do not fit an {family.upper()} LoRA: give {counts} values "
                          f"({'; '.join(f'{n}: ' + ', '.join(layouts[n][:3]) + '...' for n in layouts)}), "
                          f"or a preset: {', '.join(PRESETS[family])}.")
     full = {b: 0.0 for b in block_names(family)}

@@ -13,6 +13,7 @@ would land outside the folder, so a typed name can never reach another file. Out
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
@@ -131,9 +132,14 @@ def info_markdown(info: dict) -> str:
 class LoraTools(Section):
     """The section's widgets (self.c, by field name) and handlers; built inside the current gr.Blocks."""
 
-    def __init__(self, host: Host):
+    def __init__(self, host: Host, generation: dict | None = None):
+        """`generation`: the Merge tab's preview widgets by name (prompt, negative, gen_seed, steps, cfg, width,
+        height, sampler), which the LoRA XY plot reads as its own fields."""
         super().__init__()
         self.host = host
+        self._xy_stop = threading.Event()   # set by Interrupt: the LoRA plot stops before its next merge or image
+        for name, component in (generation or {}).items():
+            self._field(name, component)
         self._build()
         self._wire()
 
@@ -159,6 +165,9 @@ class LoraTools(Section):
             self._field("lora_overwrite", gr.Checkbox(value=False, label="LoRA tools: overwrite an existing file",
                                                       elem_id=f"{ELEM}lora_overwrite"))
             self._show("lora_refresh", gr.Button("Refresh LoRA lists", size="sm", elem_id=f"{ELEM}lora_refresh"))
+            self._show("lora_interrupt", gr.Button("Interrupt", size="sm", variant="stop",
+                                                   elem_id=f"{ELEM}lora_interrupt"))
+        self._show("lora_notice", gr.HTML("", elem_id=f"{ELEM}lora_notice"))
 
         with gr.Tab("Info"):
             self._field("lora_info_name", gr.Dropdown(choices=loras, value=None, label="LoRA to inspect",
@@ -240,8 +249,65 @@ class LoraTools(Section):
                     elem_id=f"{ELEM}lora_bake_lbw"))
             self._field("lora_bake_out", gr.Textbox(label="Baked checkpoint file name",
                                                     placeholder="(checkpoint)_(lora)", elem_id=f"{ELEM}lora_bake_out"))
-            self._show("lora_bake_run", gr.Button("Bake", variant="primary", elem_id=f"{ELEM}lora_bake_run"))
+            with gr.Row():
+                self._show("lora_bake_run", gr.Button("Bake", variant="primary", elem_id=f"{ELEM}lora_bake_run"))
+                self._show("lora_bake_live", gr.Button(
+                    "Bake into the loaded model (no file)", visible=self.host.has_live_model,
+                    elem_id=f"{ELEM}lora_bake_live"))
             self._show("lora_bake_status", gr.HTML("", elem_id=f"{ELEM}lora_bake_status"))
+
+        self._build_xy(loras, ckpts)
+
+    def _build_xy(self, loras: list[str], ckpts: list[str]) -> None:
+        from ..lora.xy import ALL_MODES, kind_choices
+        from .form import NONE
+        can = self.host.can_generate and "prompt" in self.c
+        with gr.Tab("XY plot"):
+            self._show("lora_xy_help", gr.Markdown(
+                "Preview images over LoRA strengths, merge modes, densities or SVD ranks, with the prompt and "
+                "preview settings of the Merge tab. Each cell's LoRA merge is computed once, in memory, and baked "
+                "into the loaded model on top of the checkpoint (no file). LoRAs are numbered in list order: "
+                "`strength:1` is the first, `strength:2:te` the second's text-encoder strength. The grid and the "
+                "images go to the output folder's `xy/`; Restore original model (above) puts the model back."
+                if can else "The LoRA XY plot needs previews, and this host cannot generate them."))
+            with gr.Row():
+                self._field("lora_xy_ckpt", gr.Dropdown(choices=ckpts, value=None, label="Checkpoint for the plot",
+                                                        elem_id=f"{ELEM}lora_xy_ckpt"))
+                self._field("lora_xy_add", gr.Dropdown(choices=loras, value=None, label="Add a LoRA to the plot",
+                                                       elem_id=f"{ELEM}lora_xy_add"))
+            self._field("lora_xy_list", gr.Textbox(
+                label="LoRAs of the plot (name:strength per line; 1, 2, ... in this order)", lines=3,
+                placeholder="style.safetensors:0.8\ncharacter.safetensors:1:0.5   (UNet strength, text-encoder strength)",
+                elem_id=f"{ELEM}lora_xy_list"))
+            with gr.Row():
+                self._field("lora_xy_mode", gr.Dropdown(list(ALL_MODES), value="concat", label="Plot merge mode",
+                                                        info=MODE_HELP, elem_id=f"{ELEM}lora_xy_mode"))
+                self._field("lora_xy_density", gr.Slider(0, 1, value=1.0, step=0.01, label="Plot density"))
+                self._field("lora_xy_rank", gr.Number(value=0, precision=0, label="Plot SVD rank",
+                                                      info="0: merge on the factors (svd_* modes: 32)"))
+                self._field("lora_xy_merge_seed", gr.Number(value=0, precision=0, label="Plot merge seed",
+                                                            info="DARE's random drops"))
+            self._field("lora_xy_lbw", gr.Textbox(label="Plot block weights (LBW)", placeholder="empty: none; a preset "
+                                                  "or 17/26 numbers (SDXL 12/20)", elem_id=f"{ELEM}lora_xy_lbw"))
+            kinds = kind_choices(4)
+            with gr.Row():
+                self._field("lora_xy_x_kind", gr.Dropdown(kinds, value="strength:1", label="LoRA plot X axis",
+                                                          allow_custom_value=True, elem_id=f"{ELEM}lora_xy_x_kind",
+                                                          scale=1))
+                self._field("lora_xy_x_values", gr.Textbox(value="0, 0.5, 1", label="LoRA plot X values",
+                                                           elem_id=f"{ELEM}lora_xy_x_values", scale=3))
+            with gr.Row():
+                self._field("lora_xy_y_kind", gr.Dropdown([NONE] + kinds, value=NONE, label="LoRA plot Y axis",
+                                                          allow_custom_value=True, elem_id=f"{ELEM}lora_xy_y_kind",
+                                                          scale=1))
+                self._field("lora_xy_y_values", gr.Textbox(value="", label="LoRA plot Y values",
+                                                           placeholder="e.g. 0-1 (3), or concat, svd_ties",
+                                                           elem_id=f"{ELEM}lora_xy_y_values", scale=3))
+            self._show("lora_xy_run", gr.Button("Run LoRA XY plot", variant="primary", visible=can,
+                                                elem_id=f"{ELEM}lora_xy_run"))
+            self._show("lora_xy_status", gr.HTML("", elem_id=f"{ELEM}lora_xy_status"))
+            self._show("lora_xy_gallery", gr.Gallery(label="LoRA XY plot (the grid, then each cell)", columns=4,
+                                                     elem_id=f"{ELEM}lora_xy_gallery"))
 
     def _wire(self) -> None:
         c = self.c
@@ -254,24 +320,30 @@ class LoraTools(Section):
         self._on(c["lora_bake_add"].change, self.on_bake_add, ["lora_bake_add", "lora_bake_list"],
                  ["lora_bake_list", "lora_bake_add"], **quick)
         self._on(c["lora_bake_preset"].change, self.on_bake_preset, ["lora_bake_preset"], ["lora_bake_lbw"], **quick)
+        self._on(c["lora_xy_add"].change, self.on_xy_add, ["lora_xy_add", "lora_xy_list"],
+                 ["lora_xy_list", "lora_xy_add"], **quick)
+        self._on(c["lora_interrupt"].click, self.on_interrupt, [], ["lora_notice"], **quick)
         lists = self.list_fields()
         self._on(c["lora_merge_run"].click, self.on_merge, None, ["lora_merge_status", *lists], **job)
         self._on(c["lora_resize_run"].click, self.on_resize, None, ["lora_resize_status", *lists], **job)
         self._on(c["lora_extract_run"].click, self.on_extract, None, ["lora_extract_status", *lists], **job)
         self._on(c["lora_bake_run"].click, self.on_bake, None, ["lora_bake_status", *lists], **job)
+        self._on(c["lora_bake_live"].click, self.on_bake_live, None, ["lora_bake_status"], **job)
+        self._on(c["lora_xy_run"].click, self.on_xy, None, ["lora_xy_status", "lora_xy_gallery"], **job)
 
     @staticmethod
     def list_fields() -> list[str]:
-        return ["lora_info_name", "lora_merge_add", "lora_resize_name", "lora_bake_add",
-                "lora_extract_base", "lora_extract_tuned", "lora_bake_ckpt"]
+        return ["lora_info_name", "lora_merge_add", "lora_resize_name", "lora_bake_add", "lora_xy_add",
+                "lora_extract_base", "lora_extract_tuned", "lora_bake_ckpt", "lora_xy_ckpt"]
 
     # ---- quick handlers
     def on_refresh(self, v: dict | None = None) -> dict:
         loras = self._loras(refresh=True)
         ckpts = self.host.list_checkpoints(refresh=True)
         return {**{n: gr.update(choices=loras) for n in ("lora_info_name", "lora_merge_add", "lora_resize_name",
-                                                          "lora_bake_add")},
-                **{n: gr.update(choices=ckpts) for n in ("lora_extract_base", "lora_extract_tuned", "lora_bake_ckpt")}}
+                                                          "lora_bake_add", "lora_xy_add")},
+                **{n: gr.update(choices=ckpts) for n in ("lora_extract_base", "lora_extract_tuned", "lora_bake_ckpt",
+                                                         "lora_xy_ckpt")}}
 
     def on_info(self, v: dict) -> dict:
         from ..lora.info import describe
@@ -304,6 +376,18 @@ class LoraTools(Section):
             return {}
         return {"lora_bake_list": gr.update(value=self._append(v.get("lora_bake_list"), v["lora_bake_add"])),
                 "lora_bake_add": gr.update(value=None)}
+
+    def on_xy_add(self, v: dict) -> dict:
+        if not v.get("lora_xy_add"):
+            return {}
+        return {"lora_xy_list": gr.update(value=self._append(v.get("lora_xy_list"), v["lora_xy_add"])),
+                "lora_xy_add": gr.update(value=None)}
+
+    def on_interrupt(self, v: dict | None = None) -> dict:
+        self.host.interrupt()
+        self._xy_stop.set()
+        return {"lora_notice": status_html("busy", "Interrupting: the LoRA job stops before its next module (a "
+                                                   "plot before its next merge or image); nothing is written.")}
 
     def on_bake_preset(self, v: dict) -> dict:
         name = v.get("lora_bake_preset")
@@ -458,24 +542,26 @@ class LoraTools(Section):
         yield from self._job("lora_extract_status", "Extracting", prepare, step)
 
     # ---- bake
+    def _bake_inputs(self, v: dict, ckpt_field: str, list_field: str, lbw_field: str):
+        """(checkpoint name, its file, [(path, w_unet, w_te, name)], block weights or None), all checked."""
+        ckpt_name = v.get(ckpt_field) or ""
+        if not ckpt_name:
+            raise InputError("Choose the checkpoint.")
+        ckpt = self.host.resolve_checkpoint(ckpt_name)
+        items = parse_lora_lines(self.host, v.get(list_field) or "")
+        lbw = (v.get(lbw_field) or "").strip() or None
+        if lbw is not None:
+            from ..lora.lbw import parse_lbw
+            from ..lora.live import checkpoint_layout
+            parse_lbw(lbw, checkpoint_layout(ckpt)[0])   # a mistake is told before any work
+        return ckpt_name, ckpt, items, lbw
+
     def on_bake(self, v: dict) -> Iterator[dict]:
         def prepare():
             from ..lora.bake import bake
             from ..lora.merge import LoraInput
             from ..models import safe_output_path
-            ckpt_name = v.get("lora_bake_ckpt") or ""
-            if not ckpt_name:
-                raise InputError("Choose the checkpoint to bake into.")
-            ckpt = self.host.resolve_checkpoint(ckpt_name)
-            items = parse_lora_lines(self.host, v.get("lora_bake_list") or "")
-            lbw = (v.get("lora_bake_lbw") or "").strip() or None
-            if lbw is not None:
-                from ..arch import detect
-                from ..lora.lbw import parse_lbw
-                from ..models import open_model
-                with open_model(ckpt) as mf:
-                    family = detect({k: tuple(i.shape) for k, i in mf.tensors.items()}, ckpt.name).family
-                parse_lbw(lbw, family)   # a mistake is told before any work
+            ckpt_name, ckpt, items, lbw = self._bake_inputs(v, "lora_bake_ckpt", "lora_bake_list", "lora_bake_lbw")
             out_name = (v.get("lora_bake_out") or "").strip() or (
                 f"{_stem(ckpt_name)}_" + "_".join(_stem(n) for *_, n in items))[:150]
             out = self._check_out(v, safe_output_path(self.host.output_dir(), out_name),
@@ -491,3 +577,65 @@ class LoraTools(Section):
             return work
         step: list = [None, ""]
         yield from self._job("lora_bake_status", "Baking", prepare, step)
+
+    def on_bake_live(self, v: dict) -> Iterator[dict]:
+        """Bake into the host's live model (no file): then Generate in the Merge tab shows the result."""
+        def prepare():
+            from ..lora.live import bake_into_host
+            from ..lora.merge import LoraInput
+            if not self.host.has_live_model:
+                raise MergeError("This host has no loaded model to bake into: bake to a file instead.")
+            _, ckpt, items, lbw = self._bake_inputs(v, "lora_bake_ckpt", "lora_bake_list", "lora_bake_lbw")
+
+            def work() -> str:
+                r = bake_into_host(self.host, ckpt, [LoraInput(p, wu, wt) for p, wu, wt, _ in items], lbw=lbw,
+                                   progress=self._progress(step))
+                return "\n".join([f"Baked into the loaded model as {self.host.loaded.name} ({len(r.touched)} keys "
+                                  f"changed; no file written). Generate shows it; Restore original model puts "
+                                  f"the checkpoint back."] + r.warnings[:20])
+            return work
+        step: list = [None, ""]
+        yield from self._job("lora_bake_status", "Baking into the loaded model", prepare, step)
+
+    # ---- XY plot
+    def on_xy(self, v: dict) -> Iterator[dict]:
+        """Build the plot (checkpoint, LoRAs, merge settings) and the axes, then run it in a thread, streaming
+        its progress into the plot's status line."""
+        from ..lora import xy as lxy
+        from ..lora.merge import LoraInput
+        from .form import slot_value
+        from .tab import _xy_request
+        try:
+            if not self.host.can_generate:
+                raise MergeError("The LoRA XY plot needs previews, and this host cannot generate them.")
+            _, ckpt, items, lbw = self._bake_inputs(v, "lora_xy_ckpt", "lora_xy_list", "lora_xy_lbw")
+            rank = _int(v.get("lora_xy_rank") or 0, "SVD rank") or None
+            plot = lxy.LoraPlot(ckpt, [LoraInput(p, wu, wt) for p, wu, wt, _ in items],
+                                mode=v.get("lora_xy_mode") or "concat",
+                                density=float(v.get("lora_xy_density") if v.get("lora_xy_density") is not None else 1),
+                                rank=rank, merge_seed=_int(v.get("lora_xy_merge_seed") or 0, "merge seed"), lbw=lbw)
+            x = lxy.LoraAxis(v.get("lora_xy_x_kind") or "", v.get("lora_xy_x_values") or "")
+            y_kind = slot_value(v.get("lora_xy_y_kind"))
+            y = lxy.LoraAxis(y_kind, v.get("lora_xy_y_values") or "") if y_kind else None
+            request = _xy_request(v)
+        except Exception as e:  # noqa: BLE001 - failure_html tells a user's error from a bug
+            yield {"lora_xy_status": failure_html(e)}
+            return
+        step = [0.0, "Starting"]
+        self._xy_stop.clear()
+
+        def progress(fraction: float, text: str) -> None:
+            step[0], step[1] = fraction, text
+
+        def work():
+            return lxy.run_lora_xy(self.host, plot, x, y, request, progress=progress, cancel=self._xy_stop.is_set)
+        started = time.monotonic()
+        for done, result in _background(work):
+            if not done:
+                yield {"lora_xy_status": busy_html(f"LoRA XY plot: {step[1]}", time.monotonic() - started, step[0])}
+            elif isinstance(result, BaseException):
+                yield {"lora_xy_status": failure_html(result)}
+            else:
+                gallery = [(result.grid_image, "grid")] + list(zip(result.images, result.labels))
+                yield {"lora_xy_gallery": gr.update(value=gallery),
+                       "lora_xy_status": status_html("ok", result.message)}

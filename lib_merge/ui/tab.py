@@ -166,7 +166,8 @@ class MergeTab(Section):
                     self._build_recipe()
             with gr.Accordion("LoRA tools", open=False, elem_id=f"{ELEM}lora_tools"):
                 from .lora_tab import LoraTools   # its own widgets, handlers and status lines (lora_tab.py)
-                self.lora_tools = LoraTools(self.host)
+                generation = {n: self.c[n] for n in GENERATION_FIELDS}   # its XY plot uses the preview settings
+                self.lora_tools = LoraTools(self.host, generation)
             self._wire()
         return blocks
 
@@ -848,6 +849,9 @@ class MergeTab(Section):
                 choices = masks if field == "mask" else weight_sets
                 yield {field: gr.update(choices=[""] + choices, value=result.name),
                        "status": status_html("ok", f"Wrote {result} and chose it in the Advanced options.")}
+
+
+GENERATION_FIELDS = ("prompt", "negative", "gen_seed", "steps", "cfg", "width", "height", "sampler")
 
 
 def _xy_request(v: dict) -> GenerationRequest:
