@@ -15,6 +15,22 @@ left as it was.
     POST /merge-lab/v1/restore    put the original model back
     POST /merge-lab/v1/generate   txt2img with the loaded model (hosts that generate): images as base64 PNG
     POST /merge-lab/v1/interrupt  stop the running merge
+
+LoRA tools (lora/actions.py checks names and outputs as the tab does; LoRAs are names in the host's LoRA
+folder, given as "name:weight" texts or {"name": ..., "weight": 1, "weight_te": 1} objects):
+
+    GET  /merge-lab/v1/lora/list           the LoRA folder's files
+    GET  /merge-lab/v1/lora/info?name=N    format, architecture, modules, ranks, training fields, top tags
+    POST /merge-lab/v1/lora/merge          {"loras": [...], "mode": "concat", "density": 1, "seed": 0,
+                                            "rank": null, "conv_rank": null, "name": "...", "where": "lora",
+                                            "dtype": "float16", "overwrite": false} -> a new LoRA file
+    POST /merge-lab/v1/lora/bake           {"checkpoint": "...", "loras": [...], "lbw": null, "live": false,
+                                            "name": "...", "dtype": "float16", "overwrite": false}: a new
+                                            checkpoint in the output folder, or (live) into the loaded model
+    POST /merge-lab/v1/lora/xy             {"checkpoint": "...", "loras": [...], "mode", "density", "rank",
+                                            "merge_seed", "lbw", "x": {"kind": "strength:1", "values": "0, 1"},
+                                            "y": {...} or null, "generation": {txt2img fields},
+                                            "images": false} -> labels, folder, grid (and cells) as base64 PNG
 """
 from __future__ import annotations
 
@@ -127,8 +143,113 @@ def register_routes(app, host: Host, dependencies: list | None = None) -> None:
         host.interrupt()
         return {"ok": True, "message": "Interrupt requested."}
 
-    deps = dependencies or []
-    for path, fn, method in (("/methods", methods, "GET"), ("/models", models, "GET"), ("/status", status, "GET"),
-                             ("/merge", merge, "POST"), ("/save", save, "POST"), ("/restore", restore, "POST"),
-                             ("/generate", generate, "POST"), ("/interrupt", interrupt, "POST")):
-        app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=deps)
+    routes = [("/methods", methods, "GET"), ("/models", models, "GET"), ("/status", status, "GET"),
+              ("/merge", merge, "POST"), ("/save", save, "POST"), ("/restore", restore, "POST"),
+              ("/generate", generate, "POST"), ("/interrupt", interrupt, "POST")] + _lora_routes(host, guarded)
+    for path, fn, method in routes:
+        app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=dependencies or [])
+
+
+def _lora_routes(host: Host, guarded) -> list:
+    """The LoRA tools' routes (see the module docstring)."""
+    from fastapi import Body
+    from .lora import actions
+
+    def number(body: dict, key: str, default, kind=float):
+        try:
+            v = body.get(key, default)
+            return None if v is None else kind(v)
+        except (TypeError, ValueError):
+            raise InputError(f"'{key}' must be a number.") from None
+
+    def need_dict(body) -> dict:
+        if not isinstance(body, dict):
+            raise InputError("The request body must be a JSON object.")
+        return body
+
+    def lora_list():
+        return guarded(lambda: {"loras": host.list_loras(refresh=True)})
+
+    def lora_info(name: str = ""):
+        from .lora.info import describe
+        return guarded(lambda: describe(actions.lora_path(host, name), tags=20))
+
+    def lora_merge(body: dict = Body(...)):
+        def run():
+            need_dict(body)
+            items = actions.lora_entries(host, body.get("loras"))
+            mode = str(body.get("mode", "concat"))
+            rank = number(body, "rank", None, int)
+            out = actions.new_lora_path(host, str(body.get("name") or f"lora_merge_{mode}"), str(body.get("where", "lora")),
+                                        [i.path for i in items], bool(body.get("overwrite", False)))
+            with actions.job(host, "Merging LoRAs"):
+                message = actions.merge_loras(
+                    items, out, mode=mode, density=number(body, "density", 1.0), seed=number(body, "seed", 0, int),
+                    majority=str(body.get("majority", "total")), rank=rank,
+                    conv_rank=number(body, "conv_rank", None, int), dtype=str(body.get("dtype", "float16")),
+                    overwrite=bool(body.get("overwrite", False)), cancel=host.interrupted)
+            return {"ok": True, "message": message.split("\n")[0], "warnings": message.split("\n")[1:],
+                    "path": str(out), "name": out.name}
+        return guarded(run)
+
+    def lora_bake(body: dict = Body(...)):
+        def run():
+            from .lora.bake import bake
+            from .lora.live import bake_into_host
+            from .models import check_output_path, safe_output_path
+            need_dict(body)
+            ckpt = host.resolve_checkpoint(str(body.get("checkpoint") or ""))
+            items = actions.lora_entries(host, body.get("loras"))
+            lbw = actions.check_lbw(body.get("lbw"), ckpt)
+            if body.get("live"):
+                if not host.has_live_model:
+                    raise MergeError("This host has no loaded model to bake into: bake to a file instead.")
+                with actions.job(host, "Baking into the loaded model"):
+                    r = bake_into_host(host, ckpt, items, lbw=lbw)
+                return {"ok": True, "message": f"Baked into the loaded model as {host.loaded.name}.",
+                        "name": host.loaded.name, "short_hash": host.loaded.short_hash,
+                        "keys_changed": len(r.touched), "warnings": r.warnings}
+            name = str(body.get("name") or "_".join([ckpt.stem] + [i.path.stem for i in items]))[:150]
+            overwrite = bool(body.get("overwrite", False))
+            out = check_output_path(safe_output_path(host.output_dir(), name), [ckpt] + [i.path for i in items],
+                                    overwrite)
+            with actions.job(host, "Baking"):
+                r = bake(ckpt, items, out, lbw=lbw, dtype=str(body.get("dtype", "float16")), overwrite=overwrite,
+                         cancel=host.interrupted)
+            host.saved(r.path)
+            return {"ok": True, "message": f"Wrote {r.path.name}.", "path": str(r.path), "name": r.path.name,
+                    "keys_changed": len(r.touched), "warnings": r.warnings}
+        return guarded(run)
+
+    def lora_xy(body: dict = Body(...)):
+        def run():
+            from .lora import xy as lxy
+            need_dict(body)
+            ckpt = host.resolve_checkpoint(str(body.get("checkpoint") or ""))
+            plot = lxy.LoraPlot(ckpt, actions.lora_entries(host, body.get("loras")), mode=str(body.get("mode", "concat")),
+                                density=number(body, "density", 1.0), rank=number(body, "rank", None, int),
+                                conv_rank=number(body, "conv_rank", None, int),
+                                merge_seed=number(body, "merge_seed", 0, int), lbw=actions.check_lbw(body.get("lbw"), ckpt))
+            axes = []
+            for key in ("x", "y"):
+                a = body.get(key)
+                if a is None and key == "y":
+                    axes.append(None)
+                    continue
+                if not isinstance(a, dict):
+                    raise InputError(f"Give '{key}': {{\"kind\": ..., \"values\": ...}} (the kinds: "
+                                     f"{', '.join(lxy.kind_choices(2))}).")
+                axes.append(lxy.LoraAxis(str(a.get("kind", "")), a.get("values", "")))
+            result = lxy.run_lora_xy(host, plot, axes[0], axes[1], generation_request(body.get("generation") or {}))
+            out = {"ok": True, "message": result.message, "folder": str(result.folder), "labels": result.labels,
+                   "x_labels": result.x_labels, "y_labels": result.y_labels, "merges": result.merges_done,
+                   "infotexts": result.infotexts, "grid": _png_base64(result.grid_image)}
+            if body.get("images"):
+                out["images"] = [_png_base64(i) for i in result.images]
+            return out
+        return guarded(run)
+
+    return [("/lora/list", lora_list, "GET"), ("/lora/info", lora_info, "GET"), ("/lora/merge", lora_merge, "POST"),
+            ("/lora/bake", lora_bake, "POST"), ("/lora/xy", lora_xy, "POST")]
+
+

@@ -15,7 +15,8 @@ from lib_merge.host.standalone import StandaloneHost  # noqa: E402
 from lib_merge.lora import open_lora, save_kohya  # noqa: E402
 from lib_merge.lora.merge import RECIPE_KEY  # noqa: E402
 from lib_merge.models import open_model  # noqa: E402
-from lib_merge.ui.lora_tab import LoraTools, lora_path  # noqa: E402
+from lib_merge.lora.actions import lora_path  # noqa: E402
+from lib_merge.ui.lora_tab import LoraTools  # noqa: E402
 from lib_merge.ui.tab import make_tab  # noqa: E402
 from test_lora_merge import SD1, hand_delta, make_modules  # noqa: E402  (tests/ is on sys.path under pytest)
 from test_ui import run  # noqa: E402  (a handler's updates, streaming ones merged)

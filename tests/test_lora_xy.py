@@ -280,3 +280,81 @@ def test_tab_bakes_into_the_loaded_model_and_interrupt_is_heard(tab_setup):
                                           [(host.lora_dir / "a.safetensors", 0.5)], None, dtype=None).state[key])
     u = tools.on_interrupt({})
     assert "Interrupting" in text(u, "lora_notice") and host.interrupted() and tools._xy_stop.is_set()
+
+
+# ------------------------------------------------------------------------------------------------- API
+@pytest.fixture
+def client(tab_setup):
+    pytest.importorskip("fastapi")
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from lib_merge.api import register_routes
+    host, tab, state = tab_setup
+    app = FastAPI()
+    register_routes(app, host)
+    return TestClient(app), host, state
+
+
+def test_api_lists_describes_merges_and_bakes_loras(client):
+    from lib_merge.api import PREFIX
+    from lib_merge.lora import open_lora
+    http, host, state = client
+    assert http.get(PREFIX + "/lora/list").json()["loras"] == ["a.safetensors", "b.safetensors"]
+    info = http.get(PREFIX + "/lora/info", params={"name": "b.safetensors"}).json()
+    assert info["architecture"] == "sd1" and info["modules"] == 3
+    r = http.get(PREFIX + "/lora/info", params={"name": "../r1.safetensors"})
+    assert r.status_code == 400 and "not a LoRA name" in r.json()["message"]
+
+    r = http.post(PREFIX + "/lora/merge", json={"loras": ["a.safetensors:1", {"name": "b.safetensors", "weight": 0.5}],
+                                               "name": "ab", "mode": "concat"})
+    assert r.status_code == 200, r.text
+    with open_lora(host.lora_dir / "ab.safetensors") as lf:
+        to_k = SD1["to_k"]
+        with open_lora(host.lora_dir / "a.safetensors") as a, open_lora(host.lora_dir / "b.safetensors") as b:
+            torch.testing.assert_close(lf.delta(to_k), a.delta(to_k) + 0.5 * b.delta(to_k), rtol=1e-3, atol=1e-4)
+    r = http.post(PREFIX + "/lora/merge", json={"loras": ["a.safetensors", "b.safetensors"], "name": "svd",
+                                               "rank": 1, "where": "output", "dtype": "float32"})
+    assert r.status_code == 200 and "at rank 1" in r.json()["message"]
+    with open_lora(host.output_dir() / "svd.safetensors") as lf:
+        assert {m.rank for m in lf.modules.values()} == {1}
+    for body, words in [({"loras": ["a.safetensors", "b.safetensors"], "mode": "ties"}, "equal ranks"),
+                        ({"loras": ["a.safetensors"], "name": "ab"}, "already exists"),
+                        ({"loras": ["nope.safetensors"]}, "not in the LoRA folder"),
+                        ({"loras": "a.safetensors"}, "as a list")]:
+        r = http.post(PREFIX + "/lora/merge", json=body)
+        assert r.status_code == 400 and words in r.json()["message"], (body, r.json())
+
+    r = http.post(PREFIX + "/lora/bake", json={"checkpoint": "r1.safetensors", "loras": ["a.safetensors:0.5"],
+                                              "name": "r1_a", "dtype": "float32"})
+    assert r.status_code == 200, r.text
+    baked = open_model(host.output_dir() / "r1_a.safetensors")
+    want = bake(host.resolve_checkpoint("r1.safetensors"), [(host.lora_dir / "a.safetensors", 0.5)], None,
+                dtype="float32").state
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(baked.read(key), want[key])
+    baked.close()
+    r = http.post(PREFIX + "/lora/bake", json={"checkpoint": "r1.safetensors", "loras": ["a.safetensors"], "live": True})
+    assert r.status_code == 200 and r.json()["name"] == "r1+a" and host.loaded.name == "r1+a"
+    r = http.post(PREFIX + "/lora/bake", json={"checkpoint": "r1.safetensors", "loras": ["a.safetensors"],
+                                              "lbw": "1,0"})
+    assert r.status_code == 400 and "block weights" in r.json()["message"]
+
+
+def test_api_runs_a_lora_plot(client):
+    import base64
+    import io
+
+    from PIL import Image
+    from lib_merge.api import PREFIX
+    http, host, state = client
+    body = {"checkpoint": "r1.safetensors", "loras": ["a.safetensors", "b.safetensors"],
+            "x": {"kind": "strength:1", "values": "0, 1"}, "y": None, "images": True,
+            "generation": {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 5}}
+    r = http.post(PREFIX + "/lora/xy", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["x_labels"] == ["a = 0", "a = 1"] and out["merges"] == 2 and len(out["images"]) == 2
+    grid = Image.open(io.BytesIO(base64.b64decode(out["grid"])))
+    assert grid.width >= 128 and "Seed: 5" in out["infotexts"][0]
+    r = http.post(PREFIX + "/lora/xy", json={**body, "x": {"kind": "strength:9", "values": "1"}})
+    assert r.status_code == 400 and "names LoRA 9" in r.json()["message"]

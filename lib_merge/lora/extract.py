@@ -8,7 +8,6 @@ is skipped when its largest |Δ| is at most `te_threshold` (kohya's min_diff, 0.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -5,10 +5,9 @@ conventions: field names (all starting `lora_`), handlers that take {name: value
 {name: gr.update(...)}, long work in a thread (tab._background) with the section's own status line, and
 errors as sentences (MergeError), never a stack trace.
 
-LoRA names are those of host.list_loras(): paths relative to the host's LoRA folder. They are turned into
-paths here (`lora_path`): the folder joined with the name, refusing '..', absolute paths and anything that
-would land outside the folder, so a typed name can never reach another file. Outputs are plain file names
-(models.safe_output_path) in the host's output folder, or (for LoRAs) its LoRA folder.
+LoRA names, output files and the jobs' locking are lora/actions.py's (shared with the HTTP API): names are
+paths relative to the host's LoRA folder and can never reach outside it; outputs are plain file names in the
+host's output folder, or (for LoRAs) its LoRA folder.
 """
 from __future__ import annotations
 
@@ -22,70 +21,19 @@ import gradio as gr
 
 from ..errors import InputError, MergeError
 from ..host import Host
+from ..lora.actions import job, lora_path, new_lora_path, parse_lora_lines
+from ..lora.xy import ALL_MODES as MODES, SVD_MODES   # the factor modes, then svd_<mode>
 from .section import Section
 from .tab import ELEM, _background, _unexpected, busy_html, failure_html, status_html
 
 log = logging.getLogger("merge_lab.ui")
 
-LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
-FACTOR_MODES = ("concat", "add", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-SVD_MODES = ("svd_add", "svd_ties", "svd_dare_linear", "svd_dare_ties", "svd_magnitude_prune")
-MODES = FACTOR_MODES + SVD_MODES
 MODE_HELP = ("concat: exact weighted sum (ranks add up) · add/ties/dare/magnitude_prune: on the up/down factors "
              "(equal ranks) · svd_*: on the full ΔW, then factorised to the rank (any ranks, LoHa/LoKr too)")
 DTYPES = ("float16", "bfloat16", "float32")
 WHERE = ("LoRA folder", "output folder")
 LBW_PRESETS = ("", "ALL", "NONE", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL", "ALL0.5")
 FAMILY_LABEL = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-
-
-# --------------------------------------------------------------------------------------- names, paths
-def lora_folder(host: Host) -> Path:
-    """The host's LoRA folder (Host.lora_dir)."""
-    folder = host.lora_dir
-    if not folder:
-        raise InputError("This host does not say where its LoRA folder is, so LoRAs cannot be chosen here.")
-    return Path(folder).expanduser().resolve()
-
-
-def lora_path(host: Host, name: str) -> Path:
-    """A LoRA name (relative to the LoRA folder, as host.list_loras() gives it) -> its file, refusing any
-    name that would leave the folder."""
-    name = (name or "").strip()
-    if not name:
-        raise InputError("Choose a LoRA.")
-    rel = PurePosixPath(name.replace("\\", "/"))
-    if rel.is_absolute() or ".." in rel.parts or ":" in name or any(ord(c) < 32 for c in name):
-        raise InputError(f"'{name}' is not a LoRA name: give a file in the LoRA folder (no '..', no absolute "
-                         f"path).")
-    folder = lora_folder(host)
-    path = (folder / rel).resolve()
-    if not path.is_relative_to(folder):
-        raise InputError(f"'{name}' points outside the LoRA folder {folder}.")
-    if path.suffix.lower() not in LORA_SUFFIXES:
-        raise InputError(f"'{name}' is not a LoRA file ({', '.join(LORA_SUFFIXES)}).")
-    if not path.is_file():
-        raise InputError(f"'{name}' is not in the LoRA folder {folder}: put the file there and press Refresh.")
-    return path
-
-
-def parse_lora_lines(host: Host, text: str) -> list[tuple[Path, float, float, str]]:
-    """'name:weight' (or 'name', 'name:w_unet:w_te') per line -> [(path, w_unet, w_te, name)]."""
-    from ..lora.merge import parse_lora_arg
-    out = []
-    for line in (text or "").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            item = parse_lora_arg(line)
-        except InputError as e:
-            raise InputError(f"Line '{line}': {e}") from None
-        name = str(item.path).strip()
-        out.append((lora_path(host, name), item.w_unet, item.w_te, name))
-    if not out:
-        raise InputError("List at least one LoRA, one per line as name:weight (e.g. style.safetensors:0.8).")
-    return out
 
 
 def _int(v, what: str, minimum: int = 0) -> int:
@@ -394,12 +342,9 @@ class LoraTools(Section):
         return {"lora_bake_lbw": gr.update(value=name)} if name else {}
 
     # ---- outputs
-    def _lora_out(self, v: dict, name: str) -> Path:
-        """A new LoRA's path: a plain file name in the LoRA folder or the output folder."""
-        from ..models import safe_output_path
-        folder = self.host.output_dir() if v.get("lora_where") == WHERE[1] else lora_folder(self.host)
-        folder.mkdir(parents=True, exist_ok=True)
-        return safe_output_path(folder, name)
+    def _new_lora(self, v: dict, name: str, inputs: list[Path]) -> Path:
+        where = "output" if v.get("lora_where") == WHERE[1] else "lora"
+        return new_lora_path(self.host, name, where, inputs, bool(v.get("lora_overwrite")))
 
     def _check_out(self, v: dict, path: Path, inputs: list[Path]) -> Path:
         from ..models import check_output_path
@@ -422,12 +367,8 @@ class LoraTools(Section):
 
         def exclusive_work():
             # like the Merge tab's actions: the host's lock (the WebUI's queue), its progress and Interrupt
-            with self.host.exclusive():
-                self.host.begin_job(title)
-                try:
-                    return work()
-                finally:
-                    self.host.end_job()
+            with job(self.host, title):
+                return work()
 
         for done, result in _background(exclusive_work):
             if not done:
@@ -450,37 +391,23 @@ class LoraTools(Section):
         step: list = [None, ""]
 
         def prepare():
-            from ..lora.merge import LoraInput, merge
-            from ..lora.svd import merge_svd
+            from ..lora.actions import merge_loras
             items = parse_lora_lines(self.host, v.get("lora_merge_list") or "")
             mode = v.get("lora_merge_mode") or "concat"
             if mode not in MODES:
                 raise InputError(f"Unknown LoRA merge mode '{mode}': use {', '.join(MODES)}.")
             density = float(v.get("lora_merge_density") if v.get("lora_merge_density") is not None else 1.0)
             seed = _int(v.get("lora_merge_seed") or 0, "seed")
-            name = (v.get("lora_merge_name") or "").strip() or f"lora_merge_{mode}"
-            out = self._check_out(v, self._lora_out(v, name), [p for p, *_ in items])
-            dtype = self._dtype(v)
-            overwrite = bool(v.get("lora_overwrite"))
-            inputs = [LoraInput(p, wu, wt) for p, wu, wt, _ in items]
+            rank = conv = None
             if mode in SVD_MODES:
                 rank = _int(v.get("lora_merge_rank"), "SVD rank", 1)
                 conv = _int(v.get("lora_merge_conv_rank") or 0, "SVD conv rank") or None
-
-                def work() -> str:
-                    r = merge_svd(inputs, out, mode=mode[4:], density=density, rank=rank, conv_rank=conv, seed=seed,
-                                  dtype=dtype, overwrite=overwrite, progress=self._progress(step),
-                                  cancel=self.host.interrupted)
-                    kept = sum(r.retained.values()) / len(r.retained) if r.retained else float("nan")
-                    return "\n".join([f"Wrote {r.path} ({r.modules} modules at rank {rank}, {kept:.1%} of ΔW "
-                                      f"kept on average)."] + r.warnings[:20])
-                return work
-
-            def work() -> str:
-                path = merge(inputs, out, mode=mode, density=density, seed=seed, dtype=dtype, overwrite=overwrite,
-                             progress=self._progress(step), cancel=self.host.interrupted)
-                return f"Wrote {path} ({mode} of {len(items)} LoRA{'s' if len(items) > 1 else ''})."
-            return work
+            name = (v.get("lora_merge_name") or "").strip() or f"lora_merge_{mode}"
+            out = self._new_lora(v, name, [i.path for i in items])
+            dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
+            return lambda: merge_loras(items, out, mode=mode, density=density, seed=seed, rank=rank, conv_rank=conv,
+                                       dtype=dtype, overwrite=overwrite, progress=self._progress(step),
+                                       cancel=self.host.interrupted)
         yield from self._job("lora_merge_status", "Merging LoRAs", prepare, step)
 
     # ---- resize
@@ -500,7 +427,7 @@ class LoraTools(Section):
             conv = _int(v.get("lora_resize_conv_rank") or 0, "conv rank") or None
             out_name = (v.get("lora_resize_out") or "").strip() or (
                 f"{_stem(name)}_r{rank}" if rank and not rule else f"{_stem(name)}_resized")
-            out = self._check_out(v, self._lora_out(v, out_name), [src])
+            out = self._new_lora(v, out_name, [src])
             dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
 
             def work() -> str:
@@ -529,7 +456,7 @@ class LoraTools(Section):
             rank = _int(v.get("lora_extract_rank"), "extract rank", 1)
             conv = _int(v.get("lora_extract_conv_rank") or 0, "conv rank") or None
             out_name = (v.get("lora_extract_out") or "").strip() or f"{_stem(tuned_name)}_extract_r{rank}"
-            out = self._check_out(v, self._lora_out(v, out_name), [base, tuned])
+            out = self._new_lora(v, out_name, [base, tuned])
             dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
 
             def work() -> str:
@@ -543,33 +470,28 @@ class LoraTools(Section):
 
     # ---- bake
     def _bake_inputs(self, v: dict, ckpt_field: str, list_field: str, lbw_field: str):
-        """(checkpoint name, its file, [(path, w_unet, w_te, name)], block weights or None), all checked."""
+        """(checkpoint name, its file, [LoraInput], block weights or None), all checked."""
         ckpt_name = v.get(ckpt_field) or ""
         if not ckpt_name:
             raise InputError("Choose the checkpoint.")
+        from ..lora.actions import check_lbw
         ckpt = self.host.resolve_checkpoint(ckpt_name)
         items = parse_lora_lines(self.host, v.get(list_field) or "")
-        lbw = (v.get(lbw_field) or "").strip() or None
-        if lbw is not None:
-            from ..lora.lbw import parse_lbw
-            from ..lora.live import checkpoint_layout
-            parse_lbw(lbw, checkpoint_layout(ckpt)[0])   # a mistake is told before any work
-        return ckpt_name, ckpt, items, lbw
+        return ckpt_name, ckpt, items, check_lbw(v.get(lbw_field), ckpt)   # mistakes told before any work
 
     def on_bake(self, v: dict) -> Iterator[dict]:
         def prepare():
             from ..lora.bake import bake
-            from ..lora.merge import LoraInput
             from ..models import safe_output_path
             ckpt_name, ckpt, items, lbw = self._bake_inputs(v, "lora_bake_ckpt", "lora_bake_list", "lora_bake_lbw")
             out_name = (v.get("lora_bake_out") or "").strip() or (
-                f"{_stem(ckpt_name)}_" + "_".join(_stem(n) for *_, n in items))[:150]
+                f"{_stem(ckpt_name)}_" + "_".join(i.path.stem for i in items))[:150]
             out = self._check_out(v, safe_output_path(self.host.output_dir(), out_name),
-                                  [ckpt] + [p for p, *_ in items])
+                                  [ckpt] + [i.path for i in items])
             dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
 
             def work() -> str:
-                r = bake(ckpt, [LoraInput(p, wu, wt) for p, wu, wt, _ in items], out, lbw=lbw, dtype=dtype,
+                r = bake(ckpt, items, out, lbw=lbw, dtype=dtype,
                          overwrite=overwrite, progress=self._progress(step), cancel=self.host.interrupted)
                 self.host.saved(r.path)
                 return "\n".join([f"Wrote {r.path} ({len(r.touched)} keys changed by {len(items)} "
@@ -582,14 +504,12 @@ class LoraTools(Section):
         """Bake into the host's live model (no file): then Generate in the Merge tab shows the result."""
         def prepare():
             from ..lora.live import bake_into_host
-            from ..lora.merge import LoraInput
             if not self.host.has_live_model:
                 raise MergeError("This host has no loaded model to bake into: bake to a file instead.")
             _, ckpt, items, lbw = self._bake_inputs(v, "lora_bake_ckpt", "lora_bake_list", "lora_bake_lbw")
 
             def work() -> str:
-                r = bake_into_host(self.host, ckpt, [LoraInput(p, wu, wt) for p, wu, wt, _ in items], lbw=lbw,
-                                   progress=self._progress(step))
+                r = bake_into_host(self.host, ckpt, items, lbw=lbw, progress=self._progress(step))
                 return "\n".join([f"Baked into the loaded model as {self.host.loaded.name} ({len(r.touched)} keys "
                                   f"changed; no file written). Generate shows it; Restore original model puts "
                                   f"the checkpoint back."] + r.warnings[:20])
@@ -602,7 +522,6 @@ class LoraTools(Section):
         """Build the plot (checkpoint, LoRAs, merge settings) and the axes, then run it in a thread, streaming
         its progress into the plot's status line."""
         from ..lora import xy as lxy
-        from ..lora.merge import LoraInput
         from .form import slot_value
         from .tab import _xy_request
         try:
@@ -610,7 +529,7 @@ class LoraTools(Section):
                 raise MergeError("The LoRA XY plot needs previews, and this host cannot generate them.")
             _, ckpt, items, lbw = self._bake_inputs(v, "lora_xy_ckpt", "lora_xy_list", "lora_xy_lbw")
             rank = _int(v.get("lora_xy_rank") or 0, "SVD rank") or None
-            plot = lxy.LoraPlot(ckpt, [LoraInput(p, wu, wt) for p, wu, wt, _ in items],
+            plot = lxy.LoraPlot(ckpt, items,
                                 mode=v.get("lora_xy_mode") or "concat",
                                 density=float(v.get("lora_xy_density") if v.get("lora_xy_density") is not None else 1),
                                 rank=rank, merge_seed=_int(v.get("lora_xy_merge_seed") or 0, "merge seed"), lbw=lbw)
