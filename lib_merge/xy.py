@@ -458,7 +458,7 @@ def run_grid(host: Host, cells: list[Cell], x, y, *, key: Callable[[Any], str], 
     x_labels = [x.label(i) for i in range(len(x.values))]
     y_labels = [y.label(i) for i in range(len(y.values))] if y is not None else []
     report("Composing the grid")
-    grid, margins, cell_size = compose_grid([images[i] for i in order], x_labels, y_labels)
+    grid, margins, cell_size = compose_grid([images[i] for i in order], x_labels, y_labels, host.font_file)
     grid_path = folder / "grid.png"
     save_png(grid, grid_path, infotexts.get(0, ""),
              {"merge_lab_xy": json.dumps({"x": x.describe(), "y": y.describe() if y else None,
@@ -520,13 +520,29 @@ def _ascii_greek(text: str) -> str:
     return text
 
 
-def _font(cell_w: int):
+def _font(cell_w: int, font_file: str | None = None):
+    """A font sized to the cells: the host's (the WebUI's Roboto), else DejaVu Sans where the system has it,
+    else Pillow's scalable default (Pillow 10.1+), else its small bitmap font (the WebUI's Pillow 9.5)."""
     from PIL import ImageFont
     size = max(12, min(40, cell_w // 16))
+    for name in ([font_file] if font_file else []) + ["DejaVuSans.ttf"]:
+        try:
+            return ImageFont.truetype(name, size)
+        except (OSError, ImportError):
+            continue
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ValueError, OSError, ImportError):   # an older Pillow, or one without FreeType
         return ImageFont.load_default()
+
+
+def _line_height(font) -> int:
+    """Ascent + descent; Pillow 9's bitmap font has no getmetrics, so its box of 'Ag' stands in."""
+    if hasattr(font, "getmetrics"):
+        asc, desc = font.getmetrics()
+        return asc + desc
+    box = font.getbbox("Ag")
+    return box[3] - min(box[1], 0)
 
 
 def _text_w(font, text: str) -> int:
@@ -556,7 +572,7 @@ def _wrap(font, text: str, width: int) -> list[str]:
     return lines
 
 
-def compose_grid(images: list, x_labels: list[str], y_labels: list[str]):
+def compose_grid(images: list, x_labels: list[str], y_labels: list[str], font_file: str | None = None):
     """The labelled grid: len(x_labels) columns, len(y_labels) rows (1 without Y), column labels on top,
     row labels on the left. Returns (image, (left, top) margins, (cell width, cell height))."""
     from PIL import Image, ImageDraw
@@ -566,9 +582,8 @@ def compose_grid(images: list, x_labels: list[str], y_labels: list[str]):
         raise MergeError(f"XY plot: {len(images)} images for a {cols}x{rows} grid.")
     cw = max(im.width for im in images)
     ch = max(im.height for im in images)
-    font = _font(cw)
-    asc, desc = font.getmetrics()
-    line_h = asc + desc + 2
+    font = _font(cw, font_file)
+    line_h = _line_height(font) + 2
     pad = max(4, line_h // 3)
     col_lines = [_wrap(font, t, cw - 2 * pad) for t in x_labels]
     top = max(len(ls) for ls in col_lines) * line_h + 2 * pad

@@ -360,6 +360,19 @@ def test_cli_merge_and_bake(tiny, tmp_path, sd1_pair):
                                    rtol=1e-4, atol=1e-5)
     r = run_cli("merge", "--mode", "ties", "--density", "0.5", "--lora", pa, "--lora", pb, "-o", tmp_path / "t.safetensors")
     assert r.returncode == 2 and "concat" in r.stderr and not (tmp_path / "t.safetensors").exists()
+    # with --rank the same command is the SVD merge: any ranks, the exact weighted sum at full rank
+    full = tmp_path / "svd.safetensors"
+    r = run_cli("merge", "--mode", "concat", "--lora", f"{pa}:0.5", "--lora", f"{pb}:1:0.25", "--rank", "64",
+                "--no-clamp", "--dtype", "float32", "-o", full)
+    assert r.returncode == 0, r.stderr
+    assert "retained Frobenius fraction: mean 1.0000" in r.stdout
+    with open_lora(full) as lf:
+        torch.testing.assert_close(lf.delta(SD1["te_q"]), 0.5 * hand_delta(a[SD1["te_q"]]) + 0.25 * hand_delta(b[SD1["te_q"]]),
+                                   rtol=1e-4, atol=1e-5)
+        recipe = json.loads(lf.metadata["merge_lab_recipe"])
+        assert recipe["mode"] == "concat" and recipe["rank"] == 64 and [x["weight_te"] for x in recipe["loras"]] == [0.5, 0.25]
+    r = run_cli("merge", "--lora", pa, "--conv-rank", "4", "-o", tmp_path / "c.safetensors")
+    assert r.returncode == 2 and "--conv-rank needs --rank" in r.stderr
     baked = tmp_path / "cli_baked.safetensors"
     r = run_cli("bake", "--model", tiny.path["sd1_a"], "--lora", f"{out}:1", "--lbw", "ALL", "--dtype", "float32",
                 "-o", baked)

@@ -37,14 +37,14 @@ def _free_port() -> int:
 
 
 class WebUI:
-    def __init__(self, folder: Path, log: Path):
+    def __init__(self, folder: Path, log: Path, extra_args: tuple[str, ...] = ()):
         import httpx
         self.folder, self.log_path = folder, log
         self.port = _free_port()
         self.link = folder / "extensions" / "merge-lab-under-test"
         python = os.environ.get("WEBUI_PYTHON") or str(folder / "venv" / "bin" / "python")
         args = shlex.split(os.environ.get("WEBUI_ARGS", DEFAULT_ARGS))
-        self.cmd = [python, "launch.py", *args, "--port", str(self.port)]
+        self.cmd = [python, "launch.py", *args, *extra_args, "--port", str(self.port)]
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=600)
         self.proc = None
 
@@ -77,18 +77,44 @@ class WebUI:
         if self.link.is_symlink():
             self.link.unlink()
 
-    def txt2img(self) -> dict:
-        r = self.http.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
-                                                     "seed": 1, "sampler_name": "Euler"})
+    def txt2img(self, with_image: bool = False):
+        r = self.http.post("/sdapi/v1/txt2img", json=GENERATION)
         assert r.status_code == 200, r.text[-2000:]
         body = r.json()
         assert body["images"], "no image came back"
-        return json.loads(body["info"])
+        info = json.loads(body["info"])
+        return (info, body["images"][0]) if with_image else info
+
+
+GENERATION = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler"}
+LORA_MODULES = ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k",
+                "lora_unet_mid_block_attentions_0_proj_out",
+                "lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+
+
+def _make_sd1_lora(path: Path) -> Path:
+    """A rank-4 kohya LoRA with three SD1 modules at their real shapes (from the key table, not a file)."""
+    import torch
+    from lib_merge.keysets import checkpoint_keys
+    from lib_merge.lora import keys as K
+    from lib_merge.lora import save_kohya
+    shapes = {k.key: tuple(k.shape) for k in checkpoint_keys("sd1")}
+    g = torch.Generator().manual_seed(0)
+    modules = {}
+    for name in LORA_MODULES:
+        shape = shapes[K.module_map("sd1")[name].key]
+        out, inn = shape[0], shape[1]
+        down = torch.randn(4, inn, *shape[2:], generator=g) * 0.5
+        up = torch.randn(out, 4, *([1, 1] if len(shape) == 4 else []), generator=g) * 0.5
+        modules[name] = (down, up, 4.0)
+    return save_kohya(modules, path, family="sd1")
 
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    ui = WebUI(Path(WEBUI_DIR), tmp_path_factory.mktemp("webui") / "webui.log")
+    lora_dir = tmp_path_factory.mktemp("loras")
+    _make_sd1_lora(lora_dir / "merge_lab_test.safetensors")
+    ui = WebUI(Path(WEBUI_DIR), tmp_path_factory.mktemp("webui") / "webui.log", ("--lora-dir", str(lora_dir)))
     try:
         ui.start()
         yield ui
@@ -159,3 +185,41 @@ def test_tab_routes_merge_generate_restore(webui):
     after = webui.txt2img()
     assert after["sd_model_name"] == original_model
     assert "Merge Lab recipe" not in after["infotexts"][0]
+
+
+def test_lora_bake_into_the_model_and_lora_xy_plot(webui):
+    """LoRA tools in the WebUI: bake a LoRA into the loaded model (no file), then a LoRA XY plot whose
+    strength-0 cell is the bare checkpoint (the same pixels as our own preview of it), then restore."""
+    http = webui.http
+    assert http.get("/merge-lab/v1/lora/list").json()["loras"] == ["merge_lab_test.safetensors"]
+    info = http.get("/merge-lab/v1/lora/info", params={"name": "merge_lab_test.safetensors"}).json()
+    assert info["architecture"] == "sd1" and info["modules"] == 3
+    before, before_image = webui.txt2img(with_image=True)
+    listed = http.get("/merge-lab/v1/models").json()["models"]
+    loaded = next(t for t in listed if t.startswith(before["sd_model_name"]))
+
+    r = http.post("/merge-lab/v1/lora/bake", json={"checkpoint": loaded, "loras": ["merge_lab_test.safetensors:1"],
+                                                   "live": True})
+    assert r.status_code == 200, r.text
+    baked = r.json()
+    assert baked["keys_changed"] == 3
+    info, image = webui.txt2img(with_image=True)
+    assert info["sd_model_name"] == baked["name"] and info["sd_model_hash"] == baked["short_hash"]
+    assert "Merge Lab recipe:" in info["infotexts"][0] and image != before_image
+
+    body = {"checkpoint": loaded, "loras": ["merge_lab_test.safetensors"], "images": True,
+            "x": {"kind": "strength:1", "values": "0, 1"}, "y": None,
+            "generation": {k: v for k, v in GENERATION.items()}}
+    r = http.post("/merge-lab/v1/lora/xy", json=body)
+    assert r.status_code == 200, r.text[-2000:]
+    plot = r.json()
+    assert plot["x_labels"] == ["merge_lab_test = 0", "merge_lab_test = 1"] and len(plot["images"]) == 2
+    assert plot["images"][0] != plot["images"][1]
+    assert "merge_lab_test = 1" in plot["infotexts"][1]
+
+    assert http.post("/merge-lab/v1/restore").json()["ok"]
+    r = http.post("/merge-lab/v1/generate", json=body["generation"])
+    assert r.status_code == 200, r.text[-2000:]
+    assert r.json()["images"][0] == plot["images"][0], "strength 0 is the bare checkpoint"
+    after = webui.txt2img()
+    assert after["sd_model_name"] == before["sd_model_name"] and "Merge Lab recipe" not in after["infotexts"][0]

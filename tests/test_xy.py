@@ -136,6 +136,27 @@ def test_labels_and_names_are_readable():
     assert xy._sanitise("α = 0.2 | GRAD_V / ../x") == "alpha_0.2_GRAD_V_._x"
 
 
+def test_grid_labels_with_the_bitmap_font_of_old_pillow(monkeypatch):
+    """The WebUI's Pillow 9.5 has no scalable default font, and its bitmap font has no getmetrics: the grid
+    is still drawn, the labels above and beside the cells."""
+    from PIL import Image, ImageFont
+    monkeypatch.setattr(xy, "_font", lambda cell_w, font_file=None: ImageFont.load_default_imagefont())
+    cells = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue", "white")]
+    grid, (left, top), size = xy.compose_grid(cells, ["x = 0", "x = 1"], ["y = 0", "y = 1"])
+    assert size == (64, 64) and top > 8 and left > 20
+    assert grid.size == (left + 128, top + 128)
+    assert grid.getpixel((left + 5, top + 5)) == (255, 0, 0) and grid.getpixel((left + 70, top + 70)) == (255, 255, 255)
+    labels = grid.crop((0, 0, left + 128, top)).convert("L")
+    assert labels.getextrema()[0] < 100        # some dark label pixels were drawn on the white margin
+
+
+def test_grid_uses_the_hosts_font_file(tmp_path):
+    from PIL import Image
+    cells = [Image.new("RGB", (320, 320), "white")]
+    small, (_, top_default), _ = xy.compose_grid(cells, ["a label"], [], font_file=str(tmp_path / "missing.ttf"))
+    assert top_default > 0    # a missing font file falls back to the system's or Pillow's
+
+
 # ---------------------------------------------------------------------------------------------- the tab
 def _tab_values(tab, **more):
     v = tab.values()

@@ -47,6 +47,7 @@ class Host:
     has_live_model = False        # whether live_target() writes into a model that generates images
     can_make_demo_models = False  # whether create_demo_models() works (the standalone app)
     lora_dir: Path | None = None  # the folder list_loras() lists (relative names)
+    font_file: str | None = None  # a TrueType font for XY plot labels (the WebUI's Roboto)
 
     def __init__(self):
         self._interrupt = threading.Event()

@@ -72,6 +72,12 @@ class WebUIHost(Host):
         return Path(info.filename)
 
     @property
+    def font_file(self) -> str | None:
+        """The WebUI's own label font (Roboto), as its grids use."""
+        from modules import paths_internal
+        return getattr(paths_internal, "roboto_ttf_file", None)
+
+    @property
     def lora_dir(self) -> Path:
         """The WebUI's LoRA folder (--lora-dir, else models/Lora)."""
         from modules import paths, shared
