@@ -551,7 +551,9 @@ class LoraTools(Section):
         started = time.monotonic()
         for done, result in _background(work):
             if not done:
-                yield {"lora_xy_status": busy_html(f"LoRA XY plot: {step[1]}", time.monotonic() - started, step[0])}
+                detail = self.host.last_progress[1]   # the step of the image, or the module being merged
+                yield {"lora_xy_status": busy_html(f"LoRA XY plot: {step[1]}", time.monotonic() - started, step[0],
+                                                   detail if detail != step[1] else "")}
             elif isinstance(result, BaseException):
                 yield {"lora_xy_status": failure_html(result)}
             else:
