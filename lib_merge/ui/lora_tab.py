@@ -180,15 +180,8 @@ class LoraTools(Section):
             self._show("lora_extract_status", gr.HTML("", elem_id=f"{ELEM}lora_extract_status"))
 
         with gr.Tab("Bake into a checkpoint"):
-            with gr.Row():
-                self._field("lora_bake_ckpt", gr.Dropdown(choices=ckpts, value=None, label="Checkpoint to bake into",
-                                                          elem_id=f"{ELEM}lora_bake_ckpt"))
-                self._field("lora_bake_add", gr.Dropdown(choices=loras, value=None, label="Add a LoRA to bake",
-                                                         elem_id=f"{ELEM}lora_bake_add"))
-            self._field("lora_bake_list", gr.Textbox(
-                label="LoRAs to bake (name:strength per line)", lines=3,
-                placeholder="style.safetensors:0.8\ncharacter.safetensors:1:0.5   (UNet strength, text-encoder strength)",
-                elem_id=f"{ELEM}lora_bake_list"))
+            self._checkpoint_and_loras("lora_bake", ckpts, loras, "Checkpoint to bake into", "Add a LoRA to bake",
+                                       "LoRAs to bake (name:strength per line)")
             with gr.Row():
                 self._field("lora_bake_preset", gr.Dropdown(list(LBW_PRESETS), value="", label="LBW preset"))
                 self._field("lora_bake_lbw", gr.Textbox(
@@ -206,6 +199,18 @@ class LoraTools(Section):
 
         self._build_xy(loras, ckpts)
 
+    def _checkpoint_and_loras(self, prefix: str, ckpts: list[str], loras: list[str], ckpt_label: str,
+                              add_label: str, list_label: str) -> None:
+        """<prefix>_ckpt (a checkpoint), <prefix>_add (a LoRA to append) and <prefix>_list (name:strength lines)."""
+        with gr.Row():
+            self._field(f"{prefix}_ckpt", gr.Dropdown(choices=ckpts, value=None, label=ckpt_label,
+                                                      elem_id=f"{ELEM}{prefix}_ckpt"))
+            self._field(f"{prefix}_add", gr.Dropdown(choices=loras, value=None, label=add_label,
+                                                     elem_id=f"{ELEM}{prefix}_add"))
+        self._field(f"{prefix}_list", gr.Textbox(
+            label=list_label, lines=3, elem_id=f"{ELEM}{prefix}_list",
+            placeholder="style.safetensors:0.8\ncharacter.safetensors:1:0.5   (UNet strength, text-encoder strength)"))
+
     def _build_xy(self, loras: list[str], ckpts: list[str]) -> None:
         from ..lora.xy import ALL_MODES, kind_choices
         from .form import NONE
@@ -218,15 +223,8 @@ class LoraTools(Section):
                 "`strength:1` is the first, `strength:2:te` the second's text-encoder strength. The grid and the "
                 "images go to the output folder's `xy/`; Restore original model (above) puts the model back."
                 if can else "The LoRA XY plot needs previews, and this host cannot generate them."))
-            with gr.Row():
-                self._field("lora_xy_ckpt", gr.Dropdown(choices=ckpts, value=None, label="Checkpoint for the plot",
-                                                        elem_id=f"{ELEM}lora_xy_ckpt"))
-                self._field("lora_xy_add", gr.Dropdown(choices=loras, value=None, label="Add a LoRA to the plot",
-                                                       elem_id=f"{ELEM}lora_xy_add"))
-            self._field("lora_xy_list", gr.Textbox(
-                label="LoRAs of the plot (name:strength per line; 1, 2, ... in this order)", lines=3,
-                placeholder="style.safetensors:0.8\ncharacter.safetensors:1:0.5   (UNet strength, text-encoder strength)",
-                elem_id=f"{ELEM}lora_xy_list"))
+            self._checkpoint_and_loras("lora_xy", ckpts, loras, "Checkpoint for the plot", "Add a LoRA to the plot",
+                                       "LoRAs of the plot (name:strength per line; 1, 2, ... in this order)")
             with gr.Row():
                 self._field("lora_xy_mode", gr.Dropdown(list(ALL_MODES), value="concat", label="Plot merge mode",
                                                         info=MODE_HELP, elem_id=f"{ELEM}lora_xy_mode"))
@@ -313,23 +311,22 @@ class LoraTools(Section):
         text = (text or "").rstrip("\n")
         return (text + "\n" if text else "") + f"{name}:1"
 
-    def on_merge_add(self, v: dict) -> dict:
-        if not v.get("lora_merge_add"):
+    def _add(self, v: dict, prefix: str) -> dict:
+        """<prefix>_add changed: append the chosen LoRA as 'name:1' to <prefix>_list and clear the choice."""
+        name = v.get(f"{prefix}_add")
+        if not name:
             return {}
-        return {"lora_merge_list": gr.update(value=self._append(v.get("lora_merge_list"), v["lora_merge_add"])),
-                "lora_merge_add": gr.update(value=None)}
+        return {f"{prefix}_list": gr.update(value=self._append(v.get(f"{prefix}_list"), name)),
+                f"{prefix}_add": gr.update(value=None)}
+
+    def on_merge_add(self, v: dict) -> dict:
+        return self._add(v, "lora_merge")
 
     def on_bake_add(self, v: dict) -> dict:
-        if not v.get("lora_bake_add"):
-            return {}
-        return {"lora_bake_list": gr.update(value=self._append(v.get("lora_bake_list"), v["lora_bake_add"])),
-                "lora_bake_add": gr.update(value=None)}
+        return self._add(v, "lora_bake")
 
     def on_xy_add(self, v: dict) -> dict:
-        if not v.get("lora_xy_add"):
-            return {}
-        return {"lora_xy_list": gr.update(value=self._append(v.get("lora_xy_list"), v["lora_xy_add"])),
-                "lora_xy_add": gr.update(value=None)}
+        return self._add(v, "lora_xy")
 
     def on_interrupt(self, v: dict | None = None) -> dict:
         self.host.interrupt()
