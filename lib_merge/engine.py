@@ -227,6 +227,7 @@ class TensorSink(Sink):
         self.on_abort = on_abort
         self.wanted = keys or (lambda key: True)
         self.skipped: list[str] = []
+        self.written: set[str] = set()    # keys written into (a host resets what it cached about them)
         self.metadata: dict[str, str] = {}
 
     def open(self, entries, metadata_draft=None):
@@ -252,6 +253,7 @@ class TensorSink(Sink):
                 t.copy_(tensor.reshape(()))
             else:
                 t[row0:row0 + tensor.shape[0]].copy_(tensor)
+        self.written.add(key)
 
     def close(self, metadata):
         self.metadata = metadata

@@ -86,6 +86,15 @@ class WebUI:
         return (info, body["images"][0]) if with_image else info
 
 
+def pixels(b64: str) -> bytes:
+    """An API image's pixels (the WebUI's PNGs carry the infotext, which differs between models)."""
+    import base64
+    import io
+
+    from PIL import Image
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB").tobytes()
+
+
 GENERATION = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler"}
 LORA_MODULES = ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k",
                 "lora_unet_mid_block_attentions_0_proj_out",
@@ -198,14 +207,21 @@ def test_lora_bake_into_the_model_and_lora_xy_plot(webui):
     listed = http.get("/merge-lab/v1/models").json()["models"]
     loaded = next(t for t in listed if t.startswith(before["sd_model_name"]))
 
+    # the WebUI's own Lora extension applies the LoRA from the prompt and keeps a backup of the weights it found
+    r = http.post("/sdapi/v1/txt2img", json={**GENERATION, "prompt": "a cat <lora:merge_lab_test:1>"})
+    assert r.status_code == 200, r.text[-2000:]
+    with_prompt_lora = pixels(r.json()["images"][0])
+    assert with_prompt_lora != pixels(before_image), "the LoRA changes the image"
+
     r = http.post("/merge-lab/v1/lora/bake", json={"checkpoint": loaded, "loras": ["merge_lab_test.safetensors:1"],
                                                    "live": True})
     assert r.status_code == 200, r.text
     baked = r.json()
     assert baked["keys_changed"] == 3
+    # a prompt without <lora:...>: the extension must not copy its stale backup over the baked weights
     info, image = webui.txt2img(with_image=True)
     assert info["sd_model_name"] == baked["name"] and info["sd_model_hash"] == baked["short_hash"]
-    assert "Merge Lab recipe:" in info["infotexts"][0] and image != before_image
+    assert "Merge Lab recipe:" in info["infotexts"][0] and pixels(image) != pixels(before_image)
 
     body = {"checkpoint": loaded, "loras": ["merge_lab_test.safetensors"], "images": True,
             "x": {"kind": "strength:1", "values": "0, 1"}, "y": None,
@@ -214,12 +230,13 @@ def test_lora_bake_into_the_model_and_lora_xy_plot(webui):
     assert r.status_code == 200, r.text[-2000:]
     plot = r.json()
     assert plot["x_labels"] == ["merge_lab_test = 0", "merge_lab_test = 1"] and len(plot["images"]) == 2
-    assert plot["images"][0] != plot["images"][1]
+    assert pixels(plot["images"][0]) != pixels(plot["images"][1])
     assert "merge_lab_test = 1" in plot["infotexts"][1]
 
     assert http.post("/merge-lab/v1/restore").json()["ok"]
     r = http.post("/merge-lab/v1/generate", json=body["generation"])
     assert r.status_code == 200, r.text[-2000:]
-    assert r.json()["images"][0] == plot["images"][0], "strength 0 is the bare checkpoint"
+    assert pixels(r.json()["images"][0]) == pixels(plot["images"][0]) == pixels(before_image), \
+        "strength 0 is the bare checkpoint"
     after = webui.txt2img()
     assert after["sd_model_name"] == before["sd_model_name"] and "Merge Lab recipe" not in after["infotexts"][0]

@@ -146,8 +146,12 @@ class WebUIHost(Host):
             targets = model.state_dict(keep_vars=True)
             # the WebUI's VAE choice (Settings / sd_vae) stays unless the merge merges the VAE
             wanted = (lambda key: True) if merge_vae else (lambda key: component_of(key) != VAE)
-            yield TensorSink(targets, on_abort=lambda: self._failed(model, merge_vae), keys=wanted, owner=id(model))
-            self._vae_written = self._vae_written or merge_vae
+            sink = TensorSink(targets, on_abort=lambda: self._failed(model, merge_vae), keys=wanted, owner=id(model))
+            try:
+                yield sink
+                self._vae_written = self._vae_written or merge_vae
+            finally:
+                _forget_lora_backups(model, sink.written)
         finally:
             sd_hijack.model_hijack.hijack(model)
 
@@ -165,6 +169,7 @@ class WebUIHost(Host):
         from ..models import open_model
         info = self._original[0] if self._original else model.sd_checkpoint_info
         targets = model.state_dict(keep_vars=True)
+        written = []
         with open_model(info.filename) as f, torch.no_grad():
             for key in f.keys():
                 t = targets.get(key)
@@ -172,6 +177,8 @@ class WebUIHost(Host):
                     continue
                 if tuple(t.shape) == f.tensors[key].shape:
                     t.copy_(f.read(key))
+                    written.append(key)
+        _forget_lora_backups(model, written)
 
     def set_loaded(self, merged: LoadedMerge) -> None:
         """Label the live model with the merge, so every infotext names it honestly."""
@@ -287,3 +294,20 @@ def api_dependencies() -> list:
         raise HTTPException(status_code=401, detail="Incorrect username or password",
                             headers={"WWW-Authenticate": "Basic"})
     return [Depends(auth)]
+
+
+def _forget_lora_backups(model, keys) -> None:
+    """The WebUI's built-in Lora extension keeps, on each layer it has patched, a backup of the weights it found
+    and the names of the LoRAs it applied; with a prompt's <lora:...> gone it copies that backup back. Weights
+    we wrote are the new originals: reset those layers' caches (as its own network_reset_cached_weight does
+    when the WebUI loads weights), or the next generation would put the pre-merge weights back."""
+    layers = {key.rsplit(".", 1)[0] for key in keys}
+    for name in layers:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if hasattr(layer, "network_current_names"):
+            layer.network_current_names = ()
+            layer.network_weights_backup = None
+            layer.network_bias_backup = None
