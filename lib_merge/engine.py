@@ -11,8 +11,6 @@ Sinks: FileSink (streaming .safetensors, atomic) and DictSink (in memory). Both 
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import threading
@@ -27,6 +25,7 @@ import torch
 from . import arch as archmod
 from .arch import Architecture, component_of
 from .errors import CancelledError, InputError, MergeError, NonFiniteError
+from .heap import steady_heap
 from .methods import MethodSpec, get_method
 from .models import ModelFile, SafetensorsWriter, check_output_path, dtype_from_name, file_hashes, open_model
 from .randomness import ChunkRandom, rng_block_rows
@@ -489,7 +488,7 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
     try:
         sink.open(open_entries or plan.entries, metadata_draft)
         try:
-            with _steady_heap():
+            with steady_heap():
                 if threads <= 1:
                     for task in plan.tasks:
                         run_task(task)
@@ -511,32 +510,6 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
         if torch.get_num_threads() != old_threads:
             torch.set_num_threads(old_threads)
     return bad_keys
-
-
-@contextlib.contextmanager
-def _steady_heap():
-    """Keep freed chunk-sized buffers in the heap while merging (glibc only).
-
-    Methods allocate temporaries of a chunk's size; glibc maps such blocks fresh from the kernel and
-    unmaps them on free, so every chunk pays page faults (measured: TIES' final pass 1.6x slower). During
-    the merge, blocks below 256 MB come from the heap and stay there; afterwards the thresholds go back to
-    glibc's usual steady state (32 MB / 64 MB) and the cached memory is returned with malloc_trim.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        yield
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 256 << 20)
-    mallopt(M_TRIM_THRESHOLD, 512 << 20)
-    try:
-        yield
-    finally:
-        mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        mallopt(M_TRIM_THRESHOLD, 64 << 20)
-        trim(0)
 
 
 def _store_terms(capture: dict, task: Task, rows, terms: tuple, lock) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from ..arch import detect
 from ..errors import ArchitectureMismatchError, CancelledError, InputError
+from ..heap import mapped_temporaries
 from ..models import check_output_path, dtype_from_name, dtype_name, file_hashes, open_model
 from . import keys as K
 from .formats import LoraFile
@@ -87,6 +88,7 @@ def _fit(dw: torch.Tensor, want: tuple[int, ...], name: str, key: str) -> torch.
                      f"the LoRA was made for a different model.")
 
 
+@mapped_temporaries()   # results kept between big temporaries must not fragment the heap (heap.py)
 def bake(checkpoint, loras, out=None, *, lbw=None, dtype: str | torch.dtype | None = "float16",
          overwrite: bool = False, progress=None, cancel=None, keys=None) -> BakeResult:
     """Apply LoRAs into a checkpoint.

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import InputError
 from . import keys as K
+from ..heap import mapped_temporaries
 from .merge import step
 from .svd import SvdError, factorize, key_seed, retained_fraction
 
@@ -80,6 +81,7 @@ def _rows(tgt: K.Target, shape) -> tuple[int, int] | None:
     return idx * d, (idx + 1) * d
 
 
+@mapped_temporaries()   # results kept between big temporaries must not fragment the heap (heap.py)
 def extract(base_path, tuned_path, out_path, rank: int, conv_rank: int | None = None, *,
             te_threshold: float = 0.01, dtype: torch.dtype = torch.float16, clamp_quantile: float | None = 0.99,
             method: str = "auto", seed: int = 0, overwrite: bool = False, progress=None,

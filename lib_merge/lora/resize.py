@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..heap import mapped_temporaries
 from .merge import step
 from .svd import SvdError, max_rank as _max_rank, svd_top
 
@@ -69,6 +70,7 @@ def rank_by_rule(S: torch.Tensor, rule: str, x: float) -> int:
     return max(1, min(k, S.numel()))
 
 
+@mapped_temporaries()   # results kept between big temporaries must not fragment the heap (heap.py)
 def resize(lora_path, out, rank: int | None = None, dynamic: str | None = None, max_rank: int | None = None, *,
            conv_rank: int | None = None, dtype: torch.dtype = torch.float16, overwrite: bool = False,
            progress=None, cancel=None) -> ResizeResult:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..heap import mapped_temporaries
 from ..randomness import generator_for, key_seed
 
 METHODS = ("auto", "full", "lowrank")
@@ -133,6 +134,7 @@ class MergeSvdResult:
     warnings: list[str]
 
 
+@mapped_temporaries()   # results kept between big temporaries must not fragment the heap (heap.py)
 def svd_merge_modules(files, inputs, *, mode: str = "add", density: float = 1.0, rank: int = 32,
                       conv_rank: int | None = None, clamp_quantile: float | None = 0.99, seed: int = 0,
                       majority: str = "total", method: str = "auto", progress=None, cancel=None):
