@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import timed  # noqa: E402
+from bench.common import ROOT, _clean_stderr, timed  # noqa: E402
 
 PY = sys.executable
 # ours = the CLI (randomized SVD where it is cheaper: svd.choose_method); ours-full = the same library call
@@ -133,6 +133,23 @@ def estimate_plain_extract_gb(family: str, base: Path) -> dict:
             "scaled_gb": SD1_PLAIN_EXTRACT_PEAK_GB * n / n_sd1, "sd1_needed_params": n_sd1}
 
 
+def timed_cpu(cmd: list[str]) -> tuple[float, float, float]:
+    """bench.common.timed plus the CPU time (user + system seconds) of the command: (wall s, peak RSS GB, CPU s).
+    On a shared machine the CPU time moves less than the wall time when other jobs take the cores."""
+    import re
+    import subprocess
+    p = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True, cwd=ROOT)
+    err = p.stderr
+    if p.returncode != 0:
+        raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{_clean_stderr(err)[-3000:]}")
+    parts = [float(x) for x in re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", err)
+             .group(1).split(":")]
+    wall = parts[-1] + 60 * parts[-2] + (3600 * parts[-3] if len(parts) > 2 else 0)
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1)) * 1024 / 1e9
+    cpu = sum(float(re.search(rf"{w} time \(seconds\): (\S+)", err).group(1)) for w in ("User", "System"))
+    return wall, rss, cpu
+
+
 def _load1() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -220,10 +237,11 @@ def main(argv=None) -> int:
                 if tool not in args.only:
                     continue
                 load = _load1()
-                w, rss = timed(cmd)
+                w, rss, cpu = timed_cpu(cmd)
                 results["runs"].append({"round": rnd, "step": step, "tool": tool, "wall_s": w, "peak_rss_gb": rss,
-                                        "load1_at_start": load})
-                print(f"round {rnd}  {step:9s} {tool:9s} {w:7.1f} s  {rss:5.2f} GB  (load {load:.2f})", flush=True)
+                                        "cpu_s": cpu, "load1_at_start": load})
+                print(f"round {rnd}  {step:9s} {tool:9s} {w:7.1f} s  {rss:5.2f} GB  cpu {cpu:7.1f} s  "
+                      f"(load {load:.2f})", flush=True)
 
     for step in cmds:
         for tool in TOOLS:
@@ -232,7 +250,9 @@ def main(argv=None) -> int:
                 results["summary"][f"{step}/{tool}"] = {
                     "median_wall_s": statistics.median(r["wall_s"] for r in runs),
                     "max_peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
-                    "wall_s": [r["wall_s"] for r in runs], "peak_rss_gb": [r["peak_rss_gb"] for r in runs]}
+                    "median_cpu_s": statistics.median(r["cpu_s"] for r in runs),
+                    "wall_s": [r["wall_s"] for r in runs], "peak_rss_gb": [r["peak_rss_gb"] for r in runs],
+                    "cpu_s": [r["cpu_s"] for r in runs], "load1": [r["load1_at_start"] for r in runs]}
 
     # accuracy
     if not args.no_accuracy:
@@ -244,15 +264,17 @@ def main(argv=None) -> int:
                 loras, {t: p for t, p in mrg.items() if p.exists() and (t in args.only)}, args.rank)
 
     print(f"\n{fam}, {args.repeat} round(s), {os.cpu_count()} CPUs")
-    print("\n| step | tool | median wall s | wall s per round | max peak RSS GB | peak RSS GB per round |\n"
-          "|---|---|---|---|---|---|")
+    print("\n| step | tool | median wall s | wall s per round | max peak RSS GB | peak RSS GB per round "
+          "| median CPU s | CPU s per round | load at start |\n|---|---|---|---|---|---|---|---|---|")
     for key, sm in results["summary"].items():
         step, tool = key.split("/")
         print(f"| {step} | {tool} | {sm['median_wall_s']:.1f} | {', '.join(f'{w:.1f}' for w in sm['wall_s'])} "
-              f"| {sm['max_peak_rss_gb']:.2f} | {', '.join(f'{r:.2f}' for r in sm['peak_rss_gb'])} |")
+              f"| {sm['max_peak_rss_gb']:.2f} | {', '.join(f'{r:.2f}' for r in sm['peak_rss_gb'])} "
+              f"| {sm['median_cpu_s']:.1f} | {', '.join(f'{c:.1f}' for c in sm['cpu_s'])} "
+              f"| {', '.join(f'{x:.1f}' for x in sm['load1'])} |")
     for key, why in results["not_run"].items():
         step, tool = key.split("/")
-        print(f"| {step} | {tool} | {why} | | | |")
+        print(f"| {step} | {tool} | {why} | | | | | | |")
     print("\n| step | module (ΔW shape) | tool | rel. error vs T_k | residual / best |\n|---|---|---|---|---|")
     for step, rows in results["accuracy"].items():
         for name, shape, m in rows:
