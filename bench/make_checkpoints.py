@@ -1,11 +1,15 @@
-"""Write N full-size random SD1.5 checkpoints (float16 safetensors) for benchmarks.
+"""Write N full-size random SD1.5 or SDXL checkpoints (float16 safetensors) for benchmarks.
 
-Usage: python bench/make_checkpoints.py --out DIR --count 3
+Usage: python bench/make_checkpoints.py --out DIR --count 3 [--arch sd1|sdxl]
 
-Files are DIR/sd15_0.safetensors, DIR/sd15_1.safetensors, ... (~2.1 GB each).
-Keys and shapes come from lib_merge/keysets/sd1.tsv.gz (read as plain data; this
-script does not import lib_merge): the non-optional clip_l, vae and diffuser keys
-plus the int64 CLIP position_ids (values 0..76). No EMA or scheduler keys.
+Files are DIR/sd15_0.safetensors, DIR/sd15_1.safetensors, ... (~2.1 GB each) for
+--arch sd1 (the default), DIR/sdxl_0.safetensors, ... (~6.9 GB each) for --arch sdxl.
+Keys and shapes come from lib_merge/keysets/{sd1,sdxl}.tsv.gz (read as plain data;
+this script does not import lib_merge): the non-optional keys of the text encoder(s)
+(clip_l; SDXL also clip_g), vae and diffuser, plus the int64 CLIP position_ids
+(values 0..76) — the same key list as lib_merge.keysets.checkpoint_keys. No EMA or
+scheduler keys, none of SDXL's optional ones (clip_l's unused last layer, clip_g's
+last block / text_projection, the v-pred markers).
 
 Model 0 is the "base": every float tensor is N(0, 1) * 0.02. Model i > 0 is a
 "fine-tune" of it: base + 0.002 * N(0, 1) with its own seed, so models differ by
@@ -28,23 +32,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KEYSET = Path(__file__).resolve().parent.parent / "lib_merge" / "keysets" / "sd1.tsv.gz"
-COMPONENTS = ("clip_l", "vae", "diffuser")
-POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+KEYSETS = Path(__file__).resolve().parent.parent / "lib_merge" / "keysets"
+ARCHS = {"sd1": ("sd1.tsv.gz", "sd15"), "sdxl": ("sdxl.tsv.gz", "sdxl")}   # arch -> (key table, file prefix)
+COMPONENTS = ("clip_l", "clip_g", "vae", "diffuser")
 BASE_STD, FINETUNE_STD = 0.02, 0.002
 
 
-def load_keys():
+def is_position_ids(key):
+    return key.endswith("text_model.embeddings.position_ids")
+
+
+def load_keys(arch="sd1"):
     """Return [(key, shape tuple, safetensors dtype)] in key-table order."""
     keys = []
-    with gzip.open(KEYSET, "rt") as f:
+    with gzip.open(KEYSETS / ARCHS[arch][0], "rt") as f:
         for line in f:
             if line.startswith("#") or not line.strip():
                 continue
             component, key, shape, dtype, optional = line.rstrip("\n").split("\t")
             if component not in COMPONENTS:
                 continue
-            if optional == "1" and key != POSITION_IDS:
+            if optional == "1" and not is_position_ids(key):
                 continue
             dims = tuple(int(d) for d in shape.split(",")) if shape else ()
             keys.append((key, dims, "I64" if dtype == "int64" else "F16"))
@@ -103,7 +111,7 @@ def verify(path, keys):
         for key, shape, dtype in keys:
             sl = f.get_slice(key)
             assert tuple(sl.get_shape()) == shape and sl.get_dtype() == dtype, key
-        pos = f.get_tensor(POSITION_IDS)
+        pos = f.get_tensor(next(k for k, _, _ in keys if is_position_ids(k)))
         assert torch.equal(pos, torch.arange(77).reshape(1, 77)), "bad position_ids"
     print(f"{path}: verified {len(keys)} keys, shapes and dtypes")
 
@@ -112,12 +120,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--count", type=int, default=3)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="sd1",
+                    help="sd1: sd15_N.safetensors (~2.1 GB); sdxl: sdxl_N.safetensors (~6.9 GB)")
     ap.add_argument("--verify", action="store_true", help="open each file with safetensors and check it")
     args = ap.parse_args(argv)
-    keys = load_keys()
+    keys = load_keys(args.arch)
     args.out.mkdir(parents=True, exist_ok=True)
     for model in range(args.count):
-        path = args.out / f"sd15_{model}.safetensors"
+        path = args.out / f"{ARCHS[args.arch][1]}_{model}.safetensors"
         write_checkpoint(path, model, keys)
         if args.verify:
             verify(path, keys)

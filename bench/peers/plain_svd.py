@@ -8,7 +8,7 @@ clamp both to the 0.99 quantile of their absolute values, alpha = rank, save a k
 same top triples, so the peer is not handicapped.)
 
 Same I/O as ours:
-    python bench/peers/plain_svd.py extract --base B --tuned T --rank 64 -o OUT
+    python bench/peers/plain_svd.py extract --base B --tuned T --rank 64 -o OUT [--family sdxl]
     python bench/peers/plain_svd.py merge-svd --lora F:W ... --rank 64 -o OUT
 
 The module list (which checkpoint weight each kohya module name belongs to) is taken from lib_merge's key
@@ -50,14 +50,15 @@ def factor(mat: torch.Tensor, rank: int):
     return U.contiguous(), Vh.contiguous(), rank
 
 
-def save(modules: dict, out: str, dim: int) -> None:
+def save(modules: dict, out: str, dim: int, family: str = "sd1") -> None:
     sd = {}
     for name, (up, down, r) in modules.items():
         sd[f"{name}.lora_up.weight"] = up.to(torch.float16)
         sd[f"{name}.lora_down.weight"] = down.to(torch.float16)
         sd[f"{name}.alpha"] = torch.tensor(float(r))
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(float(dim)),
-            "ss_v2": "False", "ss_base_model_version": "sd_v1"}
+            "ss_v2": str(family == "sd2"),
+            "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]}
     save_file(sd, out, metadata=meta)
 
 
@@ -66,7 +67,7 @@ def cmd_extract(args) -> None:
     from lib_merge.lora import keys as K
     with safe_open(args.base, "pt") as fb, safe_open(args.tuned, "pt") as ft:
         keys = set(fb.keys()) & set(ft.keys())
-        plan = plan_modules("sd1", keys, conv=False)
+        plan = plan_modules(args.family, keys, conv=False)
         needed = sorted({t.key for _, t in plan})
         # kohya loads both models whole; we load every tensor a module needs, in float32 (as kohya does)
         base = {k: fb.get_tensor(k).float() for k in needed}
@@ -82,7 +83,7 @@ def cmd_extract(args) -> None:
             d = d[t.rows[0]:t.rows[1]]
         up, down, r = factor(d, args.rank)
         modules[name] = (up, down, r)
-    save(modules, args.output, args.rank)
+    save(modules, args.output, args.rank, args.family)
     print(f"wrote {args.output} ({len(modules)} modules)")
 
 
@@ -124,6 +125,8 @@ def main(argv=None) -> None:
     e.add_argument("--tuned", required=True)
     e.add_argument("--rank", type=int, required=True)
     e.add_argument("-o", "--output", required=True)
+    e.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"],
+                   help="which key map names the modules (given, not detected: the peer stays plain)")
     e.set_defaults(func=cmd_extract)
     m = sub.add_parser("merge-svd")
     m.add_argument("--lora", action="append", required=True)
