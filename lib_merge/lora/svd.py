@@ -137,8 +137,9 @@ class MergeSvdResult:
 @mapped_temporaries()   # results kept between big temporaries must not fragment the heap (heap.py)
 def svd_merge_modules(files, inputs, *, mode: str = "add", density: float = 1.0, rank: int = 32,
                       conv_rank: int | None = None, clamp_quantile: float | None = 0.99, seed: int = 0,
-                      majority: str = "total", method: str = "auto", progress=None, cancel=None):
-    """The SVD merge of opened LoRAs, in memory: ({name: (down, up, alpha)} float32, {name: retained}, warnings).
+                      majority: str = "total", method: str = "auto", dtype: torch.dtype = torch.float32,
+                      progress=None, cancel=None):
+    """The SVD merge of opened LoRAs, in memory: ({name: (down, up, alpha)} in `dtype`, {name: retained}, warnings).
 
     Per module: every LoRA's ΔW (zero where a LoRA lacks the module), combined with merge.combine (PEFT's
     definitions, on full deltas; `concat` is `add` here, the exact weighted sum), then factorised to `rank`
@@ -176,7 +177,7 @@ def svd_merge_modules(files, inputs, *, mode: str = "add", density: float = 1.0,
         up, down, _ = factorize(dw, r, clamp_quantile=clamp_quantile, method=method,
                                 seed=key_seed(seed, name, "svd") & 0x7FFFFFFF)
         retained[name] = retained_fraction(dw, up, down)
-        out_modules[name] = (down, up, float(down.shape[0]))
+        out_modules[name] = (down.to(dtype), up.to(dtype), float(down.shape[0]))   # kept: in the output dtype
     step(progress, cancel, len(names), len(names), "", "The SVD merge")
     if not out_modules:
         raise SvdError("The merged LoRA would be empty (every module's ΔW is zero).")
@@ -203,8 +204,8 @@ def merge_svd(loras, out_path, *, mode: str = "add", density: float = 1.0, rank:
         family = common_family(files, [i.name for i in inputs])
         modules, retained, warnings = svd_merge_modules(
             files, inputs, mode=mode, density=density, rank=rank, conv_rank=conv_rank,
-            clamp_quantile=clamp_quantile, seed=seed, majority=majority, method=method, progress=progress,
-            cancel=cancel)
+            clamp_quantile=clamp_quantile, seed=seed, majority=majority, method=method,
+            dtype=tdt or torch.float32, progress=progress, cancel=cancel)
         meta = recipe_metadata(inputs, family, mode=mode, density=density, seed=seed, majority=majority,
                                rank=rank, conv_rank=conv_rank, clamp_quantile=clamp_quantile, dtype=tdt)
         path = save_kohya(modules, out_path, meta, family=family, dtype=tdt, overwrite=overwrite)
