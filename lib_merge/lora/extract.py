@@ -129,8 +129,7 @@ def extract(base_path, tuned_path, out_path, rank: int, conv_rank: int | None = 
         for i, (name, tgt) in enumerate(plan):
             step(progress, cancel, i, len(plan), name, "The extraction")
             dw = read_delta(tgt)
-            total = float(dw.double().pow(2).sum())
-            if total == 0.0:
+            if not bool(dw.any()):
                 zero += 1
                 continue
             conv3 = dw.dim() == 4 and tuple(dw.shape[2:]) != (1, 1)

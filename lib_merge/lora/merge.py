@@ -213,6 +213,14 @@ def disjoint_merge(weighted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (weighted * mask).sum(dim=0) / mask.sum(dim=0).clamp(min=1)
 
 
+def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ wᵢ·tᵢ accumulated in place: one output, no stacked copy (full SDXL deltas are 50 MB each)."""
+    out = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:]):
+        out.add_(t, alpha=w)
+    return out
+
+
 def _weighted(stack: torch.Tensor, weights: list[float]) -> torch.Tensor:
     w = torch.tensor(weights, dtype=stack.dtype).reshape(-1, *([1] * (stack.dim() - 1)))
     return stack * w
@@ -222,11 +230,11 @@ def combine(tensors: list[torch.Tensor], weights: list[float], mode: str, *, den
             majority: str = "total", gen: torch.Generator | None = None) -> torch.Tensor:
     """One factor (or any task tensors) of N LoRAs combined by a PEFT mode."""
     if mode == "add":
-        return _weighted(torch.stack(tensors), weights).sum(dim=0)
+        return _weighted_sum(tensors, weights)
     if mode == "magnitude_prune":
-        return _weighted(torch.stack([prune_magnitude(t, density) for t in tensors]), weights).sum(dim=0)
+        return _weighted_sum([prune_magnitude(t, density) for t in tensors], weights)
     if mode == "dare_linear":
-        return _weighted(torch.stack([prune_random(t, density, gen) for t in tensors]), weights).sum(dim=0)
+        return _weighted_sum([prune_random(t, density, gen) for t in tensors], weights)
     if mode in ("ties", "dare_ties"):
         if mode == "ties":
             stack = torch.stack([prune_magnitude(t, density) for t in tensors])

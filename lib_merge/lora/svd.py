@@ -117,10 +117,10 @@ def compose(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
 
 def retained_fraction(dw: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
     """√(1 − ‖ΔW − up@down‖²/‖ΔW‖²): the share of ΔW's Frobenius norm a factorisation keeps (1 for ΔW = 0)."""
-    total = float(dw.double().pow(2).sum())
+    total = float(dw.norm()) ** 2      # float32 norms: a ratio to 4 digits needs no float64 copies of ΔW
     if total == 0.0:
         return 1.0
-    return math.sqrt(max(0.0, 1.0 - float((dw - compose(up, down)).double().pow(2).sum()) / total))
+    return math.sqrt(max(0.0, 1.0 - float((dw - compose(up, down)).norm()) ** 2 / total))
 
 
 # ------------------------------------------------------------------------------------------ merge_svd
