@@ -30,7 +30,8 @@ folder, given as "name:weight" texts or {"name": ..., "weight": 1, "weight_te": 
     POST /merge-lab/v1/lora/xy             {"checkpoint": "...", "loras": [...], "mode", "density", "rank",
                                             "merge_seed", "lbw", "x": {"kind": "strength:1", "values": "0, 1"},
                                             "y": {...} or null, "generation": {txt2img fields},
-                                            "images": false} -> labels, folder, grid (and cells) as base64 PNG
+                                            "images": false, "save_loras": false} -> labels, folder, grid
+                                            (and cells) as base64 PNG, saved_loras
 """
 from __future__ import annotations
 
@@ -240,10 +241,12 @@ def _lora_routes(host: Host, guarded) -> list:
                     raise InputError(f"Give '{key}': {{\"kind\": ..., \"values\": ...}} (the kinds: "
                                      f"{', '.join(lxy.kind_choices(2))}).")
                 axes.append(lxy.LoraAxis(str(a.get("kind", "")), a.get("values", "")))
-            result = lxy.run_lora_xy(host, plot, axes[0], axes[1], generation_request(body.get("generation") or {}))
+            result = lxy.run_lora_xy(host, plot, axes[0], axes[1], generation_request(body.get("generation") or {}),
+                                     save_loras=bool(body.get("save_loras", False)))
             out = {"ok": True, "message": result.message, "folder": str(result.folder), "labels": result.labels,
                    "x_labels": result.x_labels, "y_labels": result.y_labels, "merges": result.merges_done,
-                   "infotexts": result.infotexts, "grid": _png_base64(result.grid_image)}
+                   "infotexts": result.infotexts, "grid": _png_base64(result.grid_image),
+                   "saved_loras": [str(p) for p in result.saved_models]}
             if body.get("images"):
                 out["images"] = [_png_base64(i) for i in result.images]
             return out

@@ -110,8 +110,16 @@ def test_unet_and_te_strengths_are_separate_axes(setup, merges):
 def test_seed_axis_shares_one_merge_and_mode_axis_runs_the_svd_merge(setup, merges):
     host, ckpt, state, a, b = setup
     plot = lxy.LoraPlot(ckpt, [LoraInput(a), LoraInput(b)], rank=2)
-    r = lxy.run_lora_xy(host, plot, lxy.LoraAxis("seed", "1, 2"), lxy.LoraAxis("mode", "concat, svd_ties"), REQ)
+    r = lxy.run_lora_xy(host, plot, lxy.LoraAxis("seed", "1, 2"), lxy.LoraAxis("mode", "concat, svd_ties"), REQ,
+                        save_loras=True)
     assert r.merges_done == 2 and len(merges) == 2 and len(r.images) == 4
+    # each cell's merged LoRA was written once, beside the images, with its recipe
+    from lib_merge.lora import open_lora
+    assert [p.name for p in r.saved_models] == ["lora_concat.safetensors", "lora_svd_ties.safetensors"]
+    assert all(p.parent == r.folder for p in r.saved_models) and "2 LoRA(s) saved" in r.message
+    with open_lora(r.saved_models[0]) as lf:
+        assert lf.family == "sd1" and json.loads(lf.metadata["merge_lab_recipe"])["mode"] == "concat"
+        assert {m.rank for m in lf.modules.values()} == {2}        # the plot's rank=2: concat runs as svd_add
     assert [m.mode for m in merges] == ["concat", "svd_ties"] and all(m.svd for m in merges)
     assert not np.array_equal(pixels(r.images[0]), pixels(r.images[1]))     # seeds 1 and 2
     assert "Seed: 1," in r.infotexts[0] and "Seed: 2," in r.infotexts[1]

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..errors import CancelledError, InputError, MergeError
 from ..host import GenerationRequest, Host
 from ..xy import MAX_VALUES, Cell, XYResult, _expand, _number, _split, _whole, check_can_plot, fmt_value, run_grid
@@ -264,10 +266,11 @@ def touched_keys(files, family: str, shapes: dict) -> list[str]:
 
 
 def run_lora_xy(host: Host, plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, request: GenerationRequest, *,
-                progress: Callable[[float, str], None] | None = None,
+                save_loras: bool = False, progress: Callable[[float, str], None] | None = None,
                 cancel: Callable[[], bool] | None = None) -> XYResult:
     """Merge each distinct cell's LoRAs once (in memory), bake them into the live model, generate its cells,
-    and compose and save the labelled grid."""
+    and compose and save the labelled grid. `save_loras`: also write each cell's merged LoRA (kohya format,
+    float16, its recipe in the metadata) beside the images, to keep the one you like."""
     from .live import bake_into_host, checkpoint_layout
     started = time.monotonic()
     check_can_plot(host, x, y)
@@ -283,6 +286,7 @@ def run_lora_xy(host: Host, plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, req
         if not touched:
             raise InputError(f"LoRA XY plot: no module of these LoRAs has a key in '{plot.checkpoint.name}'.")
         state = {"loaded": False}
+        saved: list[Path] = []
 
         def load(m: LoraMerge, label: str, folder: Path, report: Callable[[str], None], check_cancel) -> None:
             def step(i, n, name=""):
@@ -297,6 +301,13 @@ def run_lora_xy(host: Host, plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, req
                     except MergeError as e:
                         raise type(e)(f"LoRA XY plot, merge for {label}: {e}") from None
                     check_cancel()
+                    if save_loras and lora is not None:
+                        from ..xy import _sanitise
+                        from .formats import save_kohya
+                        path = folder / f"lora_{_sanitise(label)}.safetensors"
+                        report(f"Saving {path.name}")
+                        saved.append(save_kohya(lora.modules, path, lora.metadata, family=family,
+                                                dtype=torch.float16))
                     report(f"Applying {label}")
                     loras = [lora if lora is not None else _empty(family)]
                     keys = touched if state["loaded"] else None
@@ -307,8 +318,12 @@ def run_lora_xy(host: Host, plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, req
                 finally:
                     host.end_job()
 
-        return run_grid(host, cells, x, y, key=lambda m: m.key(), load=load, progress=progress, cancel=cancel,
-                        started=started)
+        result = run_grid(host, cells, x, y, key=lambda m: m.key(), load=load, progress=progress, cancel=cancel,
+                          started=started)
+    result.saved_models = saved
+    if saved:
+        result.message = result.message.removesuffix(".") + f"; {len(saved)} LoRA(s) saved beside the images."
+    return result
 
 
 def _empty(family: str | None):

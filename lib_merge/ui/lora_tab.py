@@ -249,8 +249,12 @@ class LoraTools(Section):
                 self._field("lora_xy_y_values", gr.Textbox(value="", label="LoRA plot Y values",
                                                            placeholder="e.g. 0-1 (3), or concat, svd_ties",
                                                            elem_id=f"{ELEM}lora_xy_y_values", scale=3))
-            self._show("lora_xy_run", gr.Button("Run LoRA XY plot", variant="primary", visible=can,
-                                                elem_id=f"{ELEM}lora_xy_run"))
+            with gr.Row():
+                self._field("lora_xy_save", gr.Checkbox(value=False, label="Save each cell's LoRA",
+                                                        info="kohya files beside the images, to keep the one you like",
+                                                        elem_id=f"{ELEM}lora_xy_save"))
+                self._show("lora_xy_run", gr.Button("Run LoRA XY plot", variant="primary", visible=can,
+                                                    elem_id=f"{ELEM}lora_xy_run"))
             self._show("lora_xy_status", gr.HTML("", elem_id=f"{ELEM}lora_xy_status"))
             self._show("lora_xy_gallery", gr.Gallery(label="LoRA XY plot (the grid, then each cell)", columns=4,
                                                      elem_id=f"{ELEM}lora_xy_gallery"))
@@ -544,7 +548,8 @@ class LoraTools(Section):
             step[0], step[1] = fraction, text
 
         def work():
-            return lxy.run_lora_xy(self.host, plot, x, y, request, progress=progress, cancel=self._xy_stop.is_set)
+            return lxy.run_lora_xy(self.host, plot, x, y, request, save_loras=bool(v.get("lora_xy_save")),
+                                   progress=progress, cancel=self._xy_stop.is_set)
         started = time.monotonic()
         for done, result in _background(work):
             if not done:
