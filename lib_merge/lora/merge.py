@@ -247,7 +247,8 @@ def combine(tensors: list[torch.Tensor], weights: list[float], mode: str, *, den
 
 # ------------------------------------------------------------------------------------ the merge
 
-def _check_options(mode: str, density: float, majority: str) -> None:
+def check_options(mode: str, density: float, majority: str) -> None:
+    """A merge mode, density and TIES election checked, with a sentence for people when wrong."""
     if mode not in MODES:
         raise InputError(f"Unknown merge mode '{mode}'. Choose one of: {', '.join(MODES)}.")
     if majority not in MAJORITY:
@@ -263,7 +264,7 @@ def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "c
                   cancel=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """The merged modules, name -> (down, up, alpha), float32, from opened LoRAs and their weights.
     `progress(i, n, name)` is called per module; `cancel()` returning True stops with CancelledError."""
-    _check_options(mode, density, majority)
+    check_options(mode, density, majority)
     names = [i.name for i in inputs]
     owners: dict[str, list[int]] = {}
     for i, lf in enumerate(files):
@@ -318,7 +319,7 @@ def merge(loras, out, *, mode: str = "concat", density: float = 1.0, seed: int =
     inputs = [as_input(x) for x in loras]
     if not inputs:
         raise InputError("Give at least one LoRA to merge.")
-    _check_options(mode, density, majority)
+    check_options(mode, density, majority)
     out = check_output_path(Path(out), [i.path for i in inputs if i.file is None], overwrite)
     tdt = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
     with open_inputs(inputs) as files:

@@ -145,11 +145,11 @@ def svd_merge_modules(files, inputs, *, mode: str = "add", density: float = 1.0,
     definitions, on full deltas; `concat` is `add` here, the exact weighted sum), then factorised to `rank`
     (3x3 convs: `conv_rank`, default `rank`), alpha = rank. DARE draws come from one CPU generator per
     (seed, module), LoRA after LoRA."""
-    from .merge import _check_options, combine, step
+    from .merge import check_options, combine, step
     mode = "add" if mode == "concat" else mode
     if mode not in MODES:
         raise SvdError(f"Unknown merge mode '{mode}': use {', '.join(MODES)}.")
-    _check_options(mode, density, majority)
+    check_options(mode, density, majority)
     if mode != "add" and density <= 0:
         raise SvdError(f"density must be in (0, 1] (got {density}).")
     if rank < 1 or (conv_rank is not None and conv_rank < 1):

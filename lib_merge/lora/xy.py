@@ -19,6 +19,7 @@ as by the merge XY plot (xy.run_grid); each image's infotext carries the cell's 
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,9 +29,10 @@ import torch
 
 from ..errors import CancelledError, InputError, MergeError
 from ..host import GenerationRequest, Host
-from ..xy import MAX_VALUES, Cell, XYResult, _expand, _number, _split, _whole, check_can_plot, fmt_value, run_grid
+from ..xy import (MAX_VALUES, Cell, XYResult, _expand, _number, _sanitise, _split, _whole, check_can_plot,  # noqa: F401
+                  fmt_value, run_grid)
 from . import keys as K
-from .merge import MODES, LoraInput, _check_options, common_family, merge_modules, open_inputs
+from .merge import MODES, LoraInput, check_options, common_family, merge_modules, open_inputs
 from .svd import MODES as SVD_BASE_MODES
 
 SVD_MODES = tuple(f"svd_{m}" for m in SVD_BASE_MODES)
@@ -195,7 +197,6 @@ class LoraAxis:
 # --------------------------------------------------------------------------------------------- planning
 def plan_lora_cells(plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, request: GenerationRequest) -> list[Cell]:
     """Every cell's LoraMerge and request, row by row; the settings checked before any work."""
-    import random
     if y is not None and (x.kind, x.lora, x.part) == (y.kind, y.lora, y.part):
         raise InputError(f"LoRA XY plot: the X and Y axes both set {x.title}: choose another kind for one of them.")
     for axis in (x, y):
@@ -228,7 +229,7 @@ def plan_lora_cells(plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, request: Ge
 
 def _check_merge(m: LoraMerge) -> None:
     check_mode(m.mode)
-    _check_options(m.base_mode, m.density, m.majority)
+    check_options(m.base_mode, m.density, m.majority)
     if m.svd and m.base_mode != "add" and m.density <= 0:
         raise InputError("the SVD merge's ties/dare/magnitude_prune need a density above 0.")
 
@@ -302,7 +303,6 @@ def run_lora_xy(host: Host, plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, req
                         raise type(e)(f"LoRA XY plot, merge for {label}: {e}") from None
                     check_cancel()
                     if save_loras and lora is not None:
-                        from ..xy import _sanitise
                         from .formats import save_kohya
                         path = folder / f"lora_{_sanitise(label)}.safetensors"
                         report(f"Saving {path.name}")
