@@ -24,6 +24,10 @@ folder, given as "name:weight" texts or {"name": ..., "weight": 1, "weight_te": 
     POST /merge-lab/v1/lora/merge          {"loras": [...], "mode": "concat", "density": 1, "seed": 0,
                                             "rank": null, "conv_rank": null, "name": "...", "where": "lora",
                                             "dtype": "float16", "overwrite": false} -> a new LoRA file
+    POST /merge-lab/v1/lora/resize         {"lora": "...", "rank": 16 | "dynamic": "sv_fro:0.9", "conv_rank",
+                                            "name", "where", "dtype", "overwrite"} -> a new LoRA file
+    POST /merge-lab/v1/lora/extract        {"base": "...", "tuned": "...", "rank": 32, "conv_rank", "name",
+                                            "where", "dtype", "overwrite"} -> a new LoRA file
     POST /merge-lab/v1/lora/bake           {"checkpoint": "...", "loras": [...], "lbw": null, "live": false,
                                             "name": "...", "dtype": "float16", "overwrite": false}: a new
                                             checkpoint in the output folder, or (live) into the loaded model
@@ -193,6 +197,41 @@ def _lora_routes(host: Host, guarded) -> list:
                     "path": str(out), "name": out.name}
         return guarded(run)
 
+    def lora_resize(body: dict = Body(...)):
+        def run():
+            need_dict(body)
+            src = actions.lora_path(host, str(body.get("lora") or ""))
+            rank, rule = number(body, "rank", None, int), body.get("dynamic") or None
+            actions.check_resize(rank, rule)
+            name = str(body.get("name") or (f"{src.stem}_r{rank}" if rank and not rule else f"{src.stem}_resized"))
+            out = actions.new_lora_path(host, name, str(body.get("where", "lora")), [src], bool(body.get("overwrite")))
+            with actions.job(host, "Resizing"):
+                message = actions.resize_lora(src, out, rank=rank, rule=rule, conv_rank=number(body, "conv_rank", None, int),
+                                              dtype=str(body.get("dtype", "float16")),
+                                              overwrite=bool(body.get("overwrite")), cancel=host.interrupted)
+            return {"ok": True, "message": message.split("\n")[0], "warnings": message.split("\n")[1:],
+                    "path": str(out), "name": out.name}
+        return guarded(run)
+
+    def lora_extract(body: dict = Body(...)):
+        def run():
+            need_dict(body)
+            base = host.resolve_checkpoint(str(body.get("base") or ""))
+            tuned = host.resolve_checkpoint(str(body.get("tuned") or ""))
+            actions.check_extract(base, tuned)
+            rank = number(body, "rank", None, int)
+            if rank is None or rank < 1:
+                raise InputError("Give 'rank': the LoRA's rank (at least 1).")
+            out = actions.new_lora_path(host, str(body.get("name") or f"{tuned.stem}_extract_r{rank}"),
+                                        str(body.get("where", "lora")), [base, tuned], bool(body.get("overwrite")))
+            with actions.job(host, "Extracting"):
+                message = actions.extract_lora(base, tuned, out, rank, conv_rank=number(body, "conv_rank", None, int),
+                                               dtype=str(body.get("dtype", "float16")),
+                                               overwrite=bool(body.get("overwrite")), cancel=host.interrupted)
+            return {"ok": True, "message": message.split("\n")[0], "warnings": message.split("\n")[1:],
+                    "path": str(out), "name": out.name}
+        return guarded(run)
+
     def lora_bake(body: dict = Body(...)):
         def run():
             from .lora.bake import bake
@@ -253,6 +292,7 @@ def _lora_routes(host: Host, guarded) -> list:
         return guarded(run)
 
     return [("/lora/list", lora_list, "GET"), ("/lora/info", lora_info, "GET"), ("/lora/merge", lora_merge, "POST"),
+            ("/lora/resize", lora_resize, "POST"), ("/lora/extract", lora_extract, "POST"),
             ("/lora/bake", lora_bake, "POST"), ("/lora/xy", lora_xy, "POST")]
 
 

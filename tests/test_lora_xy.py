@@ -366,3 +366,30 @@ def test_api_runs_a_lora_plot(client):
     assert grid.width >= 128 and "Seed: 5" in out["infotexts"][0]
     r = http.post(PREFIX + "/lora/xy", json={**body, "x": {"kind": "strength:9", "values": "1"}})
     assert r.status_code == 400 and "names LoRA 9" in r.json()["message"]
+
+
+def test_api_resizes_and_extracts(client):
+    from lib_merge.api import PREFIX
+    from lib_merge.lora import open_lora
+    http, host, state = client
+    r = http.post(PREFIX + "/lora/resize", json={"lora": "b.safetensors", "rank": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == "b_r1.safetensors" and "ranks 1" in r.json()["message"]
+    with open_lora(host.lora_dir / "b_r1.safetensors") as lf:
+        assert {m.rank for m in lf.modules.values()} == {1}
+    r = http.post(PREFIX + "/lora/resize", json={"lora": "b.safetensors"})
+    assert r.status_code == 400 and "new rank or a dynamic rule" in r.json()["message"]
+    r = http.post(PREFIX + "/lora/resize", json={"lora": "b.safetensors", "dynamic": "sv_nope:2"})
+    assert r.status_code == 400
+    r = http.post(PREFIX + "/lora/extract", json={"base": "r1.safetensors", "tuned": "r2.safetensors", "rank": 2,
+                                                 "where": "output", "dtype": "float32"})
+    assert r.status_code == 200, r.text
+    out = host.output_dir() / "r2_extract_r2.safetensors"
+    with open_lora(out) as lf:
+        assert lf.family == "sd1" and {m.rank for m in lf.modules.values()} == {2}
+    for body, words in [({"base": "r1.safetensors", "tuned": "r1.safetensors", "rank": 2}, "same file"),
+                        ({"base": "r1.safetensors", "tuned": "r2.safetensors"}, "Give 'rank'"),
+                        ({"base": "r1.safetensors", "tuned": "r2.safetensors", "rank": 2, "where": "output",
+                          "name": "r2_extract_r2"}, "already exists")]:
+        r = http.post(PREFIX + "/lora/extract", json=body)
+        assert r.status_code == 400 and words in r.json()["message"], (body, r.json())

@@ -138,3 +138,48 @@ def check_lbw(lbw, checkpoint: Path):
     from .live import checkpoint_layout
     parse_lbw(lbw.strip() if isinstance(lbw, str) else lbw, checkpoint_layout(checkpoint)[0])
     return lbw.strip() if isinstance(lbw, str) else lbw
+
+
+FAMILY_LABEL = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+
+
+def check_resize(rank: int | None, rule: str | None) -> None:
+    """A new rank or a dynamic rule (checked) must be given."""
+    from .resize import parse_dynamic
+    if rule:
+        parse_dynamic(rule)
+    if rank is None and rule is None:
+        raise InputError("Give a new rank or a dynamic rule (e.g. sv_fro:0.9).")
+
+
+def resize_lora(src: Path, out: Path, *, rank: int | None = None, rule: str | None = None,
+                conv_rank: int | None = None, dtype="float16", overwrite: bool = False, progress=None,
+                cancel=None) -> str:
+    """Resize to `rank`, or by the dynamic `rule` capped by `rank`. Returns the message for people."""
+    from ..models import dtype_from_name
+    from .resize import mean_retained, resize
+    check_resize(rank, rule)
+    r = resize(src, out, rank=rank if not rule else None, dynamic=rule, max_rank=rank if rule else None,
+               conv_rank=conv_rank, dtype=dtype_from_name(dtype) if isinstance(dtype, str) else dtype,
+               overwrite=overwrite, progress=progress, cancel=cancel)
+    new = sorted({k for _, k in r.ranks.values()})
+    return "\n".join([f"Wrote {r.path}: ranks {', '.join(map(str, new))}, {mean_retained(r):.1%} of ΔW kept on "
+                      f"average."] + r.warnings[:20])
+
+
+def check_extract(base: Path, tuned: Path) -> None:
+    if base == tuned:
+        raise InputError("The base and the tuned checkpoint are the same file: the LoRA would be empty.")
+
+
+def extract_lora(base: Path, tuned: Path, out: Path, rank: int, *, conv_rank: int | None = None, dtype="float16",
+                 overwrite: bool = False, progress=None, cancel=None) -> str:
+    """A LoRA of tuned − base at `rank`. Returns the message for people."""
+    from ..models import dtype_from_name
+    from .extract import extract
+    check_extract(base, tuned)
+    r = extract(base, tuned, out, rank, conv_rank, dtype=dtype_from_name(dtype) if isinstance(dtype, str) else dtype,
+                overwrite=overwrite, progress=progress, cancel=cancel)
+    kept = sum(r.retained.values()) / len(r.retained) if r.retained else float("nan")
+    return "\n".join([f"Wrote {r.path} ({FAMILY_LABEL.get(r.family, r.family)}, {r.modules} modules at rank {rank}, "
+                      f"{kept:.1%} of ΔW kept on average)."] + r.messages[:20])

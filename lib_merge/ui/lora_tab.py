@@ -21,7 +21,7 @@ import gradio as gr
 
 from ..errors import InputError, MergeError
 from ..host import Host
-from ..lora.actions import job, lora_path, new_lora_path, parse_lora_lines
+from ..lora.actions import FAMILY_LABEL, job, lora_path, new_lora_path, parse_lora_lines
 from ..lora.xy import ALL_MODES as MODES, SVD_MODES   # the factor modes, then svd_<mode>
 from .section import Section
 from .tab import ELEM, _background, _unexpected, busy_html, failure_html, status_html
@@ -33,7 +33,6 @@ MODE_HELP = ("concat: exact weighted sum (ranks add up) · add/ties/dare/magnitu
 DTYPES = ("float16", "bfloat16", "float32")
 WHERE = ("LoRA folder", "output folder")
 LBW_PRESETS = ("", "ALL", "NONE", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL", "ALL0.5")
-FAMILY_LABEL = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 
 
 def _int(v, what: str, minimum: int = 0) -> int:
@@ -416,29 +415,19 @@ class LoraTools(Section):
         step: list = [None, ""]
 
         def prepare():
-            from ..lora.resize import mean_retained, parse_dynamic, resize
+            from ..lora.actions import check_resize, resize_lora
             name = v.get("lora_resize_name") or ""
             src = lora_path(self.host, name)
             rank = _int(v.get("lora_resize_rank") or 0, "new rank") or None
             rule = (v.get("lora_resize_rule") or "").strip() or None
-            if rule:
-                parse_dynamic(rule)
-            if rank is None and rule is None:
-                raise InputError("Give a new rank or a dynamic rule (e.g. sv_fro:0.9).")
+            check_resize(rank, rule)
             conv = _int(v.get("lora_resize_conv_rank") or 0, "conv rank") or None
             out_name = (v.get("lora_resize_out") or "").strip() or (
                 f"{_stem(name)}_r{rank}" if rank and not rule else f"{_stem(name)}_resized")
             out = self._new_lora(v, out_name, [src])
             dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
-
-            def work() -> str:
-                r = resize(src, out, rank=rank if not rule else None, dynamic=rule, max_rank=rank if rule else None,
-                           conv_rank=conv, dtype=dtype, overwrite=overwrite, progress=self._progress(step),
-                           cancel=self.host.interrupted)
-                new = sorted({k for _, k in r.ranks.values()})
-                return "\n".join([f"Wrote {r.path}: ranks {', '.join(map(str, new))}, {mean_retained(r):.1%} of ΔW "
-                                  f"kept on average."] + r.warnings[:20])
-            return work
+            return lambda: resize_lora(src, out, rank=rank, rule=rule, conv_rank=conv, dtype=dtype, overwrite=overwrite,
+                                       progress=self._progress(step), cancel=self.host.interrupted)
         yield from self._job("lora_resize_status", "Resizing", prepare, step)
 
     # ---- extract
@@ -446,27 +435,20 @@ class LoraTools(Section):
         step: list = [None, ""]
 
         def prepare():
-            from ..lora.extract import extract
+            from ..lora.actions import check_extract, extract_lora
             base_name, tuned_name = v.get("lora_extract_base") or "", v.get("lora_extract_tuned") or ""
             if not base_name or not tuned_name:
                 raise InputError("Choose the base and the tuned checkpoint.")
             base = self.host.resolve_checkpoint(base_name)
             tuned = self.host.resolve_checkpoint(tuned_name)
-            if base == tuned:
-                raise InputError("The base and the tuned checkpoint are the same file: the LoRA would be empty.")
+            check_extract(base, tuned)
             rank = _int(v.get("lora_extract_rank"), "extract rank", 1)
             conv = _int(v.get("lora_extract_conv_rank") or 0, "conv rank") or None
             out_name = (v.get("lora_extract_out") or "").strip() or f"{_stem(tuned_name)}_extract_r{rank}"
             out = self._new_lora(v, out_name, [base, tuned])
             dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
-
-            def work() -> str:
-                r = extract(base, tuned, out, rank, conv, dtype=dtype, overwrite=overwrite,
-                            progress=self._progress(step), cancel=self.host.interrupted)
-                kept = sum(r.retained.values()) / len(r.retained) if r.retained else float("nan")
-                return "\n".join([f"Wrote {r.path} ({FAMILY_LABEL.get(r.family, r.family)}, {r.modules} modules at "
-                                  f"rank {rank}, {kept:.1%} of ΔW kept on average)."] + r.messages[:20])
-            return work
+            return lambda: extract_lora(base, tuned, out, rank, conv_rank=conv, dtype=dtype, overwrite=overwrite,
+                                        progress=self._progress(step), cancel=self.host.interrupted)
         yield from self._job("lora_extract_status", "Extracting", prepare, step)
 
     # ---- bake
