@@ -167,6 +167,11 @@ def _lora_routes(host: Host, guarded) -> list:
         except (TypeError, ValueError):
             raise InputError(f"'{key}' must be a number.") from None
 
+    def wrote(out, message: str) -> dict:
+        """The answer of a job that wrote a file: its message (warnings after the first line), path, name."""
+        first, *warnings = message.split("\n")
+        return {"ok": True, "message": first, "warnings": warnings, "path": str(out), "name": out.name}
+
     def need_dict(body) -> dict:
         if not isinstance(body, dict):
             raise InputError("The request body must be a JSON object.")
@@ -193,8 +198,7 @@ def _lora_routes(host: Host, guarded) -> list:
                     majority=str(body.get("majority", "total")), rank=rank,
                     conv_rank=number(body, "conv_rank", None, int), dtype=str(body.get("dtype", "float16")),
                     overwrite=bool(body.get("overwrite", False)), cancel=host.interrupted)
-            return {"ok": True, "message": message.split("\n")[0], "warnings": message.split("\n")[1:],
-                    "path": str(out), "name": out.name}
+            return wrote(out, message)
         return guarded(run)
 
     def lora_resize(body: dict = Body(...)):
@@ -209,8 +213,7 @@ def _lora_routes(host: Host, guarded) -> list:
                 message = actions.resize_lora(src, out, rank=rank, rule=rule, conv_rank=number(body, "conv_rank", None, int),
                                               dtype=str(body.get("dtype", "float16")),
                                               overwrite=bool(body.get("overwrite")), cancel=host.interrupted)
-            return {"ok": True, "message": message.split("\n")[0], "warnings": message.split("\n")[1:],
-                    "path": str(out), "name": out.name}
+            return wrote(out, message)
         return guarded(run)
 
     def lora_extract(body: dict = Body(...)):
@@ -228,8 +231,7 @@ def _lora_routes(host: Host, guarded) -> list:
                 message = actions.extract_lora(base, tuned, out, rank, conv_rank=number(body, "conv_rank", None, int),
                                                dtype=str(body.get("dtype", "float16")),
                                                overwrite=bool(body.get("overwrite")), cancel=host.interrupted)
-            return {"ok": True, "message": message.split("\n")[0], "warnings": message.split("\n")[1:],
-                    "path": str(out), "name": out.name}
+            return wrote(out, message)
         return guarded(run)
 
     def lora_bake(body: dict = Body(...)):
