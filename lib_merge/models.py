@@ -271,6 +271,14 @@ class PickleCheckpoint(ModelFile):
         self._sd = {}
 
 
+def checkpoint_layout(path) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """The architecture family and {key: shape} of a checkpoint, from its header (no tensor is read)."""
+    from .arch import detect
+    with open_model(path) as mf:
+        shapes = {k: tuple(i.shape) for k, i in mf.tensors.items()}
+        return detect(shapes, mf.name).family, shapes
+
+
 def open_model(path: str | os.PathLike) -> ModelFile:
     """Open a checkpoint lazily, with errors that say what is wrong."""
     p = Path(path)

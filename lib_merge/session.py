@@ -106,12 +106,9 @@ def merge_to_memory(host: Host, recipe: Recipe, *, device: str | None = None) ->
 
 def header_of(host: Host, recipe: Recipe) -> tuple[str, dict]:
     """The architecture family and the {key: shape} of the recipe's model A, from its header."""
-    from .arch import detect
     from .engine import resolve_model_path
-    from .models import open_model
-    with open_model(resolve_model_path(recipe.models[0], host.search_dirs())) as a:
-        shapes = {k: i.shape for k, i in a.tensors.items()}
-        return detect(shapes, a.name).family, shapes
+    from .models import checkpoint_layout
+    return checkpoint_layout(resolve_model_path(recipe.models[0], host.search_dirs()))
 
 
 def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False, device: str | None = None) -> MergeSummary:

@@ -135,7 +135,7 @@ def check_lbw(lbw, checkpoint: Path):
     if lbw in (None, "") or (isinstance(lbw, str) and not lbw.strip()):
         return None
     from .lbw import parse_lbw
-    from .live import checkpoint_layout
+    from ..models import checkpoint_layout
     parse_lbw(lbw.strip() if isinstance(lbw, str) else lbw, checkpoint_layout(checkpoint)[0])
     return lbw.strip() if isinstance(lbw, str) else lbw
 

@@ -13,17 +13,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..arch import detect
 from ..host import Host, LoadedMerge
-from ..models import open_model
+from ..models import checkpoint_layout
 from .bake import BakeResult, bake
-
-
-def checkpoint_layout(checkpoint: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """The architecture family and {key: shape} of a checkpoint, from its header."""
-    with open_model(checkpoint) as mf:
-        shapes = {k: tuple(i.shape) for k, i in mf.tensors.items()}
-        return detect(shapes, mf.name).family, shapes
 
 
 def bake_into_host(host: Host, checkpoint: Path, loras: list, *, lbw=None, keys=None, name: str | None = None,

@@ -272,7 +272,8 @@ def run_lora_xy(host: Host, plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, req
     """Merge each distinct cell's LoRAs once (in memory), bake them into the live model, generate its cells,
     and compose and save the labelled grid. `save_loras`: also write each cell's merged LoRA (kohya format,
     float16, its recipe in the metadata) beside the images, to keep the one you like."""
-    from .live import bake_into_host, checkpoint_layout
+    from ..models import checkpoint_layout
+    from .live import bake_into_host
     started = time.monotonic()
     check_can_plot(host, x, y)
     names = [i.name for i in plot.loras]
