@@ -125,6 +125,30 @@ def test_seed_axis_shares_one_merge_and_mode_axis_runs_the_svd_merge(setup, merg
     assert "Seed: 1," in r.infotexts[0] and "Seed: 2," in r.infotexts[1]
 
 
+def test_lbw_axis_bakes_one_merge_several_ways(setup, merges):
+    host, ckpt, state, a, b = setup
+    plot = lxy.LoraPlot(ckpt, [LoraInput(a), LoraInput(b)])
+    x = lxy.LoraAxis("lbw", "ALL | NONE | 1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0")
+    y = lxy.LoraAxis("strength:1", "0, 1")
+    r = lxy.run_lora_xy(host, plot, x, y, REQ)
+    assert len(merges) == 2 and r.merges_done == 6      # two merges (a = 0, a = 1), each baked three ways
+    assert r.x_labels == ["LBW = ALL", "LBW = NONE", "LBW = 1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0"]
+    live = live_state(host)
+    # NONE zeroes every block: the bare checkpoint, whatever the strengths
+    host.generator.load(state, "sd1", name="r1")
+    bare = pixels(host.generator.generate(REQ).images[0])
+    assert np.array_equal(pixels(r.images[1]), bare) and np.array_equal(pixels(r.images[4]), bare)
+    assert not np.array_equal(pixels(r.images[3]), bare)
+    # the last cell (a = 1, BASE only): exactly the checkpoint with the merge's text-encoder part
+    want = bake(ckpt, [(a, 1.0), (b, 1.0)], None, dtype=None, lbw="1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0").state
+    te_key = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    unet_key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    torch.testing.assert_close(live[te_key], want[te_key].to(live[te_key].dtype), rtol=1e-5, atol=1e-6)
+    assert torch.equal(live[unet_key], state[unet_key].to(live[unet_key].dtype))
+    with pytest.raises(InputError, match="block weights '1,2,3'"):
+        lxy.run_lora_xy(host, plot, lxy.LoraAxis("lbw", "1,2,3"), None, REQ)
+
+
 def test_merged_lora_in_memory_follows_rank_density_and_mode(setup):
     host, ckpt, state, a, b = setup
     plot = lxy.LoraPlot(ckpt, [LoraInput(a), LoraInput(b)])

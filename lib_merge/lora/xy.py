@@ -8,7 +8,8 @@ the SVD rank or the generation seed, on top of one checkpoint.
 Axis kinds: `strength:N` (LoRA N's UNet and text-encoder strength, N from 1), `strength:N:unet`,
 `strength:N:te`, `mode` (concat, add, ties, dare_linear, dare_ties, magnitude_prune on the factors; svd_add,
 svd_ties, ... through the full ΔW and an SVD), `density`, `rank` (the SVD merge's rank: a factor mode is run
-as its svd_ form, concat as svd_add), `merge_seed` (DARE's draws) and `seed` (the image's seed).
+as its svd_ form, concat as svd_add), `merge_seed` (DARE's draws), `lbw` (block weights of the bake: presets or
+17/26 (SDXL 12/20) numbers, values separated by '|'; one merge is baked each way) and `seed` (the image's seed).
 
 Each cell's LoRA merge is computed once, in memory (lora.merge.merge_modules or lora.svd.svd_merge_modules:
 a LoraFile that is never written), and baked into the host's live model on top of the checkpoint
@@ -32,12 +33,13 @@ from ..host import GenerationRequest, Host
 from ..xy import (MAX_VALUES, Cell, XYResult, _expand, _number, _sanitise, _split, _whole, check_can_plot,  # noqa: F401
                   fmt_value, run_grid)
 from . import keys as K
+from .lbw import parse_lbw
 from .merge import MODES, LoraInput, check_options, common_family, merge_modules, open_inputs
 from .svd import MODES as SVD_BASE_MODES
 
 SVD_MODES = tuple(f"svd_{m}" for m in SVD_BASE_MODES)
 ALL_MODES = MODES + SVD_MODES
-FIXED_KINDS = ("mode", "density", "rank", "merge_seed", "seed")
+FIXED_KINDS = ("mode", "density", "rank", "merge_seed", "lbw", "seed")
 PARTS = {"": "", "unet": " UNet", "te": " TE"}
 
 
@@ -64,8 +66,9 @@ class LoraPlot:
 
 @dataclass(frozen=True)
 class LoraMerge:
-    """One cell's LoRA merge: the strengths ((unet, te) per LoRA) and the merge settings. Its JSON is the key
-    that lets cells share it."""
+    """One cell's LoRA merge: the strengths ((unet, te) per LoRA), the merge settings and the block weights the
+    merged LoRA is baked with. `key()` is what lets cells share a bake, `merge_key()` a merge (an LBW axis
+    bakes one merge several ways)."""
     strengths: tuple[tuple[float, float], ...]
     mode: str
     density: float
@@ -73,6 +76,7 @@ class LoraMerge:
     conv_rank: int | None
     merge_seed: int
     majority: str
+    lbw: str | None = None
 
     @property
     def svd(self) -> bool:
@@ -87,11 +91,16 @@ class LoraMerge:
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    def merge_key(self) -> str:
+        return replace(self, lbw=None).key()
+
     def describe(self, names: list[str]) -> dict:
         d = {"mode": self.mode, "density": self.density, "merge_seed": self.merge_seed, "majority": self.majority,
              "loras": [{"name": n, "strength_unet": u, "strength_te": t} for n, (u, t) in zip(names, self.strengths)]}
         if self.svd:
             d.update(rank=self.rank or DEFAULT_SVD_RANK, conv_rank=self.conv_rank)
+        if self.lbw is not None:
+            d["lbw"] = self.lbw
         return d
 
 
@@ -132,9 +141,12 @@ class LoraAxis:
             raise InputError(f"LoRA XY plot: unknown axis kind '{self.kind}'. Use strength:N (also strength:N:unet, "
                              f"strength:N:te), {', '.join(FIXED_KINDS)}.")
         self.kind = kind
-        values = _split(self.values) if isinstance(self.values, str) else list(self.values or [])
+        sep = r"[|\n]" if kind == "lbw" else r"[,;\n]"   # block weights hold commas: '|' between values
+        values = _split(self.values, sep) if isinstance(self.values, str) else list(self.values or [])
         if kind == "mode":
             values = [check_mode(str(v).strip()) for v in values]
+        elif kind == "lbw":   # checked against the checkpoint's architecture when the plot runs
+            values = [str(v).strip() if not isinstance(v, (list, tuple)) else ",".join(map(str, v)) for v in values]
         else:
             expanded: list = []
             for v in values:
@@ -164,7 +176,7 @@ class LoraAxis:
     @property
     def title(self) -> str:
         if self.lora is None:
-            return {"merge_seed": "merge seed"}.get(self.kind, self.kind)
+            return {"merge_seed": "merge seed", "lbw": "LBW"}.get(self.kind, self.kind)
         name = self.names[self.lora].rsplit(".", 1)[0] if self.lora < len(self.names) else f"LoRA {self.lora + 1}"
         return name + PARTS[self.part]
 
@@ -189,7 +201,7 @@ class LoraAxis:
             u, t = s[self.lora]
             s[self.lora] = (v if self.part in ("", "unet") else u, v if self.part in ("", "te") else t)
             return replace(merge, strengths=tuple(s))
-        if self.kind in ("mode", "density", "rank", "merge_seed"):
+        if self.kind in ("mode", "density", "rank", "merge_seed", "lbw"):
             return replace(merge, **{self.kind: v})
         return merge
 
@@ -206,8 +218,9 @@ def plan_lora_cells(plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, request: Ge
         if axis is not None and axis.kind == "seed":
             axis.values = [v if v >= 0 else random.randrange(4294967294) for v in axis.values]
     base_seed = int(request.seed) if int(request.seed) >= 0 else random.randrange(4294967294)
+    lbw = plot.lbw if plot.lbw is None or isinstance(plot.lbw, str) else ",".join(map(str, plot.lbw))
     base = LoraMerge(tuple((i.w_unet, i.w_te) for i in plot.loras), plot.mode, float(plot.density), plot.rank,
-                     plot.conv_rank, int(plot.merge_seed), plot.majority)
+                     plot.conv_rank, int(plot.merge_seed), plot.majority, lbw)
     cells = []
     for row in range(len(y.values) if y is not None else 1):
         for col in range(len(x.values)):
@@ -287,8 +300,14 @@ def run_lora_xy(host: Host, plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, req
         touched = touched_keys(files, family, shapes)
         if not touched:
             raise InputError(f"LoRA XY plot: no module of these LoRAs has a key in '{plot.checkpoint.name}'.")
+        for lbw in {c.recipe.lbw for c in cells} - {None}:
+            try:
+                parse_lbw(lbw, family)
+            except MergeError as e:
+                raise InputError(f"LoRA XY plot, block weights '{lbw}': {e}") from None
         state = {"loaded": False}
         saved: list[Path] = []
+        merges: dict[str, Any] = {}   # merge_key -> merged LoRA: an LBW axis bakes one merge several ways
 
         def load(m: LoraMerge, label: str, folder: Path, report: Callable[[str], None], check_cancel) -> None:
             def step(i, n, name=""):
@@ -296,14 +315,18 @@ def run_lora_xy(host: Host, plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, req
             with host.exclusive():
                 host.begin_job(f"LoRA XY plot: {label}")
                 try:
-                    try:
-                        lora = merged_lora(files, plot, m, names, family, progress=step, cancel=cancel)
-                    except CancelledError:
-                        raise
-                    except MergeError as e:
-                        raise type(e)(f"LoRA XY plot, merge for {label}: {e}") from None
+                    fresh = m.merge_key() not in merges
+                    if fresh:
+                        try:
+                            merges[m.merge_key()] = merged_lora(files, plot, m, names, family, progress=step,
+                                                                cancel=cancel)
+                        except CancelledError:
+                            raise
+                        except MergeError as e:
+                            raise type(e)(f"LoRA XY plot, merge for {label}: {e}") from None
+                    lora = merges[m.merge_key()]
                     check_cancel()
-                    if save_loras and lora is not None:
+                    if save_loras and fresh and lora is not None:
                         from .formats import save_kohya
                         path = folder / f"lora_{_sanitise(label)}.safetensors"
                         report(f"Saving {path.name}")
@@ -313,7 +336,7 @@ def run_lora_xy(host: Host, plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, req
                     loras = [lora if lora is not None else _empty(family)]
                     keys = touched if state["loaded"] else None
                     state["loaded"] = False   # until this write is complete
-                    bake_into_host(host, plot.checkpoint, loras, lbw=plot.lbw, keys=keys,
+                    bake_into_host(host, plot.checkpoint, loras, lbw=m.lbw, keys=keys,
                                    name=f"{plot.checkpoint.stem} + LoRAs ({label})", cancel=cancel)
                     state["loaded"] = True
                 finally:

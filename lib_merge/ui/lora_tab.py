@@ -246,7 +246,7 @@ class LoraTools(Section):
                                                           allow_custom_value=True, elem_id=f"{ELEM}lora_xy_y_kind",
                                                           scale=1))
                 self._field("lora_xy_y_values", gr.Textbox(value="", label="LoRA plot Y values",
-                                                           placeholder="e.g. 0-1 (3), or concat, svd_ties",
+                                                           placeholder="e.g. 0-1 (3), or concat, svd_ties, or ALL | INS | OUTALL (lbw)",
                                                            elem_id=f"{ELEM}lora_xy_y_values", scale=3))
             with gr.Row():
                 self._field("lora_xy_save", gr.Checkbox(value=False, label="Save each cell's LoRA",
