@@ -30,7 +30,7 @@ import torch
 
 from ..errors import CancelledError, InputError, MergeError
 from ..host import GenerationRequest, Host
-from ..xy import (MAX_VALUES, Cell, XYResult, _expand, _number, _sanitise, _split, _whole, check_can_plot,  # noqa: F401
+from ..xy import (MAX_VALUES, Cell, XYResult, _expand, _number, _sanitise, _split, _whole, check_can_plot,
                   fmt_value, run_grid)
 from . import keys as K
 from .lbw import parse_lbw
