@@ -417,3 +417,30 @@ def test_api_resizes_and_extracts(client):
                           "name": "r2_extract_r2"}, "already exists")]:
         r = http.post(PREFIX + "/lora/extract", json=body)
         assert r.status_code == 400 and words in r.json()["message"], (body, r.json())
+
+
+def test_sdxl_lora_plot_bakes_fused_qkv_rows_into_the_preview_model(tmp_path):
+    """SDXL: the second text encoder's q/k/v modules land in their row thirds of the fused in_proj_weight of
+    the live (diffusers) model, exactly as a bake to a state dict puts them; the plot runs on it."""
+    from lib_merge.host.standalone import StandaloneHost
+    from lib_merge.keysets import make_runnable_state_dict
+    from lib_merge.models import save_state_dict
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state = make_runnable_state_dict("sdxl", seed=1)
+        ckpt = save_state_dict(state, tmp_path / "xl.safetensors")
+        lora = write_lora(tmp_path, "xl_lora.safetensors", make_modules(state, "sdxl", list(XL.values()), seed=3), "sdxl")
+        host = StandaloneHost(tmp_path, tmp_path / "out")
+        r = lxy.run_lora_xy(host, lxy.LoraPlot(ckpt, [LoraInput(lora)]), lxy.LoraAxis("strength:1", "0, 1"), None, REQ)
+        assert len(r.images) == 2 and not np.array_equal(pixels(r.images[0]), pixels(r.images[1]))
+        live = live_state(host)
+        want = bake(ckpt, [(lora, 1.0)], None, dtype=None)
+        fused = "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight"
+        assert fused in want.touched and len(want.touched) == 5
+        for k in want.touched:
+            torch.testing.assert_close(live[k], want.state[k].to(live[k].dtype), rtol=1e-6, atol=1e-7)
+        d = live[fused].shape[0] // 3
+        assert torch.equal(live[fused][d:2 * d], state[fused][d:2 * d].to(live[fused].dtype))   # k rows: no module
+    finally:
+        torch.set_num_threads(old)

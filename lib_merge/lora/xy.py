@@ -1,5 +1,5 @@
-"""XY plots of LoRA merges: preview images over the strengths of the LoRAs, the merge mode, the density,
-the SVD rank or the generation seed, on top of one checkpoint.
+"""XY plots of LoRA merges: preview images over the strengths of the LoRAs, the merge mode, the density, the
+SVD rank, the block weights or the generation seed, on top of one checkpoint.
 
     plot = LoraPlot(checkpoint, [LoraInput(a), LoraInput(b)], mode="concat")
     x = LoraAxis("strength:1", "0, 0.5, 1")      y = LoraAxis("strength:2:te", "0-1 (3)")
