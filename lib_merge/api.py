@@ -207,7 +207,7 @@ def _lora_routes(host: Host, guarded) -> list:
             src = actions.lora_path(host, str(body.get("lora") or ""))
             rank, rule = number(body, "rank", None, int), body.get("dynamic") or None
             actions.check_resize(rank, rule)
-            name = str(body.get("name") or (f"{src.stem}_r{rank}" if rank and not rule else f"{src.stem}_resized"))
+            name = str(body.get("name") or actions.resized_name(src, rank, rule))
             out = actions.new_lora_path(host, name, str(body.get("where", "lora")), [src], bool(body.get("overwrite")))
             with actions.job(host, "Resizing"):
                 message = actions.resize_lora(src, out, rank=rank, rule=rule, conv_rank=number(body, "conv_rank", None, int),
@@ -225,7 +225,7 @@ def _lora_routes(host: Host, guarded) -> list:
             rank = number(body, "rank", None, int)
             if rank is None or rank < 1:
                 raise InputError("Give 'rank': the LoRA's rank (at least 1).")
-            out = actions.new_lora_path(host, str(body.get("name") or f"{tuned.stem}_extract_r{rank}"),
+            out = actions.new_lora_path(host, str(body.get("name") or actions.extracted_name(tuned, rank)),
                                         str(body.get("where", "lora")), [base, tuned], bool(body.get("overwrite")))
             with actions.job(host, "Extracting"):
                 message = actions.extract_lora(base, tuned, out, rank, conv_rank=number(body, "conv_rank", None, int),
@@ -244,14 +244,13 @@ def _lora_routes(host: Host, guarded) -> list:
             items = actions.lora_entries(host, body.get("loras"))
             lbw = actions.check_lbw(body.get("lbw"), ckpt)
             if body.get("live"):
-                if not host.has_live_model:
-                    raise MergeError("This host has no loaded model to bake into: bake to a file instead.")
+                actions.check_live(host)
                 with actions.job(host, "Baking into the loaded model"):
                     r = bake_into_host(host, ckpt, items, lbw=lbw)
                 return {"ok": True, "message": f"Baked into the loaded model as {host.loaded.name}.",
                         "name": host.loaded.name, "short_hash": host.loaded.short_hash,
                         "keys_changed": len(r.touched), "warnings": r.warnings}
-            name = str(body.get("name") or "_".join([ckpt.stem] + [i.path.stem for i in items]))[:150]
+            name = str(body.get("name") or actions.baked_name(ckpt, items))
             overwrite = bool(body.get("overwrite", False))
             out = check_output_path(safe_output_path(host.output_dir(), name), [ckpt] + [i.path for i in items],
                                     overwrite)

@@ -99,6 +99,25 @@ def new_lora_path(host: Host, name: str, where: str, inputs: list[Path], overwri
     return check_output_path(safe_output_path(folder, name), inputs, overwrite)
 
 
+def resized_name(src: Path, rank: int | None, rule: str | None) -> str:
+    """The default file name of a resized LoRA: style_r16, or style_resized for a dynamic rule."""
+    return f"{src.stem}_r{rank}" if rank and not rule else f"{src.stem}_resized"
+
+
+def extracted_name(tuned: Path, rank: int) -> str:
+    return f"{tuned.stem}_extract_r{rank}"
+
+
+def baked_name(checkpoint: Path, items: list[LoraInput]) -> str:
+    """The default file name of a baked checkpoint: the checkpoint's and the LoRAs' stems."""
+    return "_".join([checkpoint.stem] + [i.path.stem for i in items])[:150]
+
+
+def check_live(host: Host) -> None:
+    if not host.has_live_model:
+        raise InputError("This host has no loaded model to bake into: bake to a file instead.")
+
+
 # ------------------------------------------------------------------------------------------------ jobs
 @contextlib.contextmanager
 def job(host: Host, title: str):

@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterator
 
 import gradio as gr
 
 from ..errors import InputError, MergeError
 from ..host import Host
-from ..lora.actions import FAMILY_LABEL, job, lora_path, new_lora_path, parse_lora_lines
+from ..lora.actions import (FAMILY_LABEL, baked_name, check_live, extracted_name, job, lora_path, new_lora_path,
+                            parse_lora_lines, resized_name)
 from ..lora.xy import ALL_MODES as MODES, SVD_MODES   # the factor modes, then svd_<mode>
 from .section import Section
 from .tab import ELEM, _background, _unexpected, busy_html, failure_html, status_html
@@ -43,10 +44,6 @@ def _int(v, what: str, minimum: int = 0) -> int:
     if x < minimum:
         raise InputError(f"The {what} must be at least {minimum} (got {x}).")
     return x
-
-
-def _stem(name: str) -> str:
-    return PurePosixPath(str(name).replace("\\", "/")).stem
 
 
 # -------------------------------------------------------------------------------------------- info text
@@ -422,8 +419,7 @@ class LoraTools(Section):
             rule = (v.get("lora_resize_rule") or "").strip() or None
             check_resize(rank, rule)
             conv = _int(v.get("lora_resize_conv_rank") or 0, "conv rank") or None
-            out_name = (v.get("lora_resize_out") or "").strip() or (
-                f"{_stem(name)}_r{rank}" if rank and not rule else f"{_stem(name)}_resized")
+            out_name = (v.get("lora_resize_out") or "").strip() or resized_name(src, rank, rule)
             out = self._new_lora(v, out_name, [src])
             dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
             return lambda: resize_lora(src, out, rank=rank, rule=rule, conv_rank=conv, dtype=dtype, overwrite=overwrite,
@@ -444,7 +440,7 @@ class LoraTools(Section):
             check_extract(base, tuned)
             rank = _int(v.get("lora_extract_rank"), "extract rank", 1)
             conv = _int(v.get("lora_extract_conv_rank") or 0, "conv rank") or None
-            out_name = (v.get("lora_extract_out") or "").strip() or f"{_stem(tuned_name)}_extract_r{rank}"
+            out_name = (v.get("lora_extract_out") or "").strip() or extracted_name(tuned, rank)
             out = self._new_lora(v, out_name, [base, tuned])
             dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
             return lambda: extract_lora(base, tuned, out, rank, conv_rank=conv, dtype=dtype, overwrite=overwrite,
@@ -453,22 +449,21 @@ class LoraTools(Section):
 
     # ---- bake
     def _bake_inputs(self, v: dict, ckpt_field: str, list_field: str, lbw_field: str):
-        """(checkpoint name, its file, [LoraInput], block weights or None), all checked."""
+        """(the checkpoint's file, [LoraInput], block weights or None), all checked."""
         ckpt_name = v.get(ckpt_field) or ""
         if not ckpt_name:
             raise InputError("Choose the checkpoint.")
         from ..lora.actions import check_lbw
         ckpt = self.host.resolve_checkpoint(ckpt_name)
         items = parse_lora_lines(self.host, v.get(list_field) or "")
-        return ckpt_name, ckpt, items, check_lbw(v.get(lbw_field), ckpt)   # mistakes told before any work
+        return ckpt, items, check_lbw(v.get(lbw_field), ckpt)   # mistakes told before any work
 
     def on_bake(self, v: dict) -> Iterator[dict]:
         def prepare():
             from ..lora.bake import bake
             from ..models import safe_output_path
-            ckpt_name, ckpt, items, lbw = self._bake_inputs(v, "lora_bake_ckpt", "lora_bake_list", "lora_bake_lbw")
-            out_name = (v.get("lora_bake_out") or "").strip() or (
-                f"{_stem(ckpt_name)}_" + "_".join(i.path.stem for i in items))[:150]
+            ckpt, items, lbw = self._bake_inputs(v, "lora_bake_ckpt", "lora_bake_list", "lora_bake_lbw")
+            out_name = (v.get("lora_bake_out") or "").strip() or baked_name(ckpt, items)
             out = self._check_out(v, safe_output_path(self.host.output_dir(), out_name),
                                   [ckpt] + [i.path for i in items])
             dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
@@ -487,9 +482,8 @@ class LoraTools(Section):
         """Bake into the host's live model (no file): then Generate in the Merge tab shows the result."""
         def prepare():
             from ..lora.live import bake_into_host
-            if not self.host.has_live_model:
-                raise MergeError("This host has no loaded model to bake into: bake to a file instead.")
-            _, ckpt, items, lbw = self._bake_inputs(v, "lora_bake_ckpt", "lora_bake_list", "lora_bake_lbw")
+            check_live(self.host)
+            ckpt, items, lbw = self._bake_inputs(v, "lora_bake_ckpt", "lora_bake_list", "lora_bake_lbw")
 
             def work() -> str:
                 r = bake_into_host(self.host, ckpt, items, lbw=lbw, progress=self._progress(step))
@@ -510,7 +504,7 @@ class LoraTools(Section):
         try:
             if not self.host.can_generate:
                 raise MergeError("The LoRA XY plot needs previews, and this host cannot generate them.")
-            _, ckpt, items, lbw = self._bake_inputs(v, "lora_xy_ckpt", "lora_xy_list", "lora_xy_lbw")
+            ckpt, items, lbw = self._bake_inputs(v, "lora_xy_ckpt", "lora_xy_list", "lora_xy_lbw")
             rank = _int(v.get("lora_xy_rank") or 0, "SVD rank") or None
             plot = lxy.LoraPlot(ckpt, items,
                                 mode=v.get("lora_xy_mode") or "concat",
