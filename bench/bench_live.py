@@ -24,10 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_merge.engine import DictSink, LiveCache, TensorSink, merge  # noqa: E402
-from lib_merge.models import open_model  # noqa: E402
-from lib_merge.recipe import ModelRef, Recipe  # noqa: E402
-from lib_merge.weights import preset  # noqa: E402
+from lib_merge.core.files import open_model  # noqa: E402
+from lib_merge.core.weights import preset  # noqa: E402
+from lib_merge.engine.live import LiveCache
+from lib_merge.engine.merge import merge  # noqa: E402
+from lib_merge.engine.recipe import ModelRef, Recipe  # noqa: E402
+from lib_merge.engine.sinks import DictSink, TensorSink
 
 
 def main() -> None:

@@ -72,10 +72,9 @@ def _metrics(dw: torch.Tensor, results: dict[str, torch.Tensor], k: int) -> dict
 
 
 def accuracy_extract(base, tuned, outs: dict[str, Path], k: int, family: str = "sd1"):
-    from lib_merge.lora import keys as K
-    from lib_merge.lora import open_lora
+    from lib_merge.core.files import open_model
+    from lib_merge.lora import keys as K, open_lora
     from lib_merge.lora.extract import _rows
-    from lib_merge.models import open_model
     rows = []
     files = {t: open_lora(p) for t, p in outs.items()}
     with open_model(base) as b, open_model(tuned) as t:
@@ -124,7 +123,8 @@ def estimate_plain_extract_gb(family: str, base: Path) -> dict:
     in float32 (what plain_svd.py holds at once, before any SVD); `scaled` = the SD1.5 measurement scaled by
     the needed-parameter count (adds what else it had resident: the float16 pages read, torch, the SVD)."""
     from safetensors import safe_open
-    from lib_merge.keysets import checkpoint_keys
+
+    from lib_merge.core.keysets import checkpoint_keys
     with safe_open(str(base), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     n = _needed_params(family, shapes)

@@ -53,6 +53,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from common import timed  # noqa: E402
+
 TOOLS = ("ours", "mecha")
 METHODS = ("ties", "ties_soup", "tsd", "tgmd", "model_stock", "uniform_soup", "geometric_median")
 SCALING_METHODS = ("uniform_soup", "ties")

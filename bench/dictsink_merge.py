@@ -11,8 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_merge.engine import DictSink, merge  # noqa: E402
-from lib_merge.recipe import ModelRef, Recipe  # noqa: E402
+from lib_merge.engine.merge import merge  # noqa: E402
+from lib_merge.engine.recipe import ModelRef, Recipe  # noqa: E402
+from lib_merge.engine.sinks import DictSink
 
 
 def main():

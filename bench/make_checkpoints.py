@@ -7,7 +7,7 @@ Files are DIR/sd15_0.safetensors, DIR/sd15_1.safetensors, ... (~2.1 GB each) for
 Keys and shapes come from lib_merge/keysets/{sd1,sdxl}.tsv.gz (read as plain data;
 this script does not import lib_merge): the non-optional keys of the text encoder(s)
 (clip_l; SDXL also clip_g), vae and diffuser, plus the int64 CLIP position_ids
-(values 0..76) — the same key list as lib_merge.keysets.checkpoint_keys. No EMA or
+(values 0..76) — the same key list as lib_merge.core.keysets.checkpoint_keys. No EMA or
 scheduler keys, none of SDXL's optional ones (clip_l's unused last layer, clip_g's
 last block / text_projection, the v-pred markers).
 

@@ -5,7 +5,7 @@ Usage: python bench/make_synthetic.py --out DIR --count 4 --scale 16
 Same keys, key order, dtypes and statistics as bench/make_checkpoints.py (model 0 = base,
 N(0, 1) * 0.02; model i > 0 = base + 0.002 * N(0, 1)); only the shapes shrink: every
 dimension larger than 16 is divided by --scale (at least 2), small ones (conv kernels,
-4 latent channels, ...) are kept, as lib_merge.keysets.shrink does. Files are
+4 latent channels, ...) are kept, as lib_merge.core.keysets.shrink does. Files are
 DIR/sd15_0.safetensors, DIR/sd15_1.safetensors, ... Approximate size per file:
 scale 1 = 2.1 GB, 2 = 533 MB, 4 = 133 MB, 8 = 33 MB, 16 = 8.3 MB, 32 = 2.1 MB.
 

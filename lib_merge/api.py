@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import InputError, MergeError
+from .core.errors import InputError, MergeError
 from .host import Host
 
 PREFIX = "/merge-lab/v1"
@@ -50,7 +50,7 @@ RECIPE_OPTIONS = ("seed", "compute_dtype", "dtype", "components", "missing_keys"
 
 def recipe_from_body(host: Host, body: Any):
     from . import session
-    from .recipe import Recipe
+    from .engine.recipe import Recipe
     if not isinstance(body, dict):
         raise InputError("The request body must be a JSON object.")
     if "recipe" in body:
@@ -70,7 +70,8 @@ def recipe_from_body(host: Host, body: Any):
 def generation_request(body: Any):
     """A GenerationRequest from a JSON body, with the WebUI API's field names (sampler_name too)."""
     from dataclasses import fields
-    from .host import GenerationRequest
+
+    from .core.generation import GenerationRequest
     if not isinstance(body, dict):
         raise InputError("The request body must be a JSON object.")
     body = dict(body)
@@ -100,6 +101,7 @@ def register_routes(app, host: Host, dependencies: list | None = None) -> None:
     """Add the routes to a FastAPI app; `dependencies` carry the host's auth (the WebUI's --api-auth)."""
     from fastapi import Body
     from fastapi.responses import JSONResponse
+
     from . import session
     from .methods import METHODS
 
@@ -158,6 +160,7 @@ def register_routes(app, host: Host, dependencies: list | None = None) -> None:
 def _lora_routes(host: Host, guarded) -> list:
     """The LoRA tools' routes (see the module docstring)."""
     from fastapi import Body
+
     from .lora import actions
 
     def number(body: dict, key: str, default, kind=float):
@@ -236,9 +239,9 @@ def _lora_routes(host: Host, guarded) -> list:
 
     def lora_bake(body: dict = Body(...)):
         def run():
+            from .core.files import check_output_path, safe_output_path
             from .lora.bake import bake
             from .lora.live import bake_into_host
-            from .models import check_output_path, safe_output_path
             need_dict(body)
             ckpt = host.resolve_checkpoint(str(body.get("checkpoint") or ""))
             items = actions.lora_entries(host, body.get("loras"))

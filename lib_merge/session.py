@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import MergeError
+from .core.errors import MergeError
+from .engine.recipe import ModelRef, Recipe
 from .host import Host, LoadedMerge
-from .recipe import ModelRef, Recipe
 
 
 @dataclass
@@ -79,8 +79,8 @@ def merge_to_memory(host: Host, recipe: Recipe, *, device: str | None = None) ->
     Where the host keeps a LiveCache, a recipe that differs from the loaded one only in per-block values
     rewrites just the keys whose values changed.
     """
-    from .arch import VAE
-    from .engine import merge
+    from .core.arch import VAE
+    from .engine.merge import merge
     started = time.monotonic()
     try:
         family, shapes = header_of(host, recipe)
@@ -106,15 +106,16 @@ def merge_to_memory(host: Host, recipe: Recipe, *, device: str | None = None) ->
 
 def header_of(host: Host, recipe: Recipe) -> tuple[str, dict]:
     """The architecture family and the {key: shape} of the recipe's model A, from its header."""
-    from .engine import resolve_model_path
-    from .models import checkpoint_layout
+    from .core.files import checkpoint_layout
+    from .engine.merge import resolve_model_path
     return checkpoint_layout(resolve_model_path(recipe.models[0], host.search_dirs()))
 
 
 def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False, device: str | None = None) -> MergeSummary:
     """Merge straight to `name` in the host's output folder (streaming; the recipe goes into the metadata)."""
-    from .engine import FileSink, merge
-    from .models import safe_output_path
+    from .core.files import safe_output_path
+    from .engine.merge import merge
+    from .engine.sinks import FileSink
     started = time.monotonic()
     try:
         path = safe_output_path(host.output_dir(), name)

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import session
-from .errors import CancelledError, InputError, MergeError
-from .host import GenerationRequest, Host
+from .core.errors import CancelledError, InputError, MergeError
+from .core.generation import GenerationRequest
+from .engine.recipe import Recipe
+from .host import Host
 from .methods import METHODS, get_method
-from .recipe import Recipe
 
 KINDS = ("alpha", "beta", "preset", "method", "seed", "recipe")   # plus "param:<name>"
 MAX_VALUES = 64                      # values per axis (a range may not expand past it)
@@ -150,7 +151,7 @@ class Axis:
                 out.extend(_expand(v) if isinstance(v, str) and numeric else [v])
             values = [_number(v) if numeric else v for v in out]
             if kind == "preset":
-                from .weights import PRESETS
+                from .core.weights import PRESETS
                 values = [str(v).strip().upper() for v in values]
                 bad = [v for v in values if v not in PRESETS]
                 if bad:
@@ -264,7 +265,7 @@ def apply_value(recipe: Recipe, axis: Axis, i: int, family: str, strength: bool 
             raise InputError(f"XY plot: {spec.label} has no per-block parameter for a block-weight preset.")
         p = spec.param(spec.blockwise_params[0])
         _check_not_per_key(r, p.name)
-        from .weights import preset
+        from .core.weights import preset
         values = preset(v, family)
         if strength:
             scale = float(r.params.get(p.name, p.default))

@@ -10,8 +10,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import lib_merge  # noqa: E402,F401  (cheap; the WebUI restores sys.path after loading scripts, so import now)
 from modules import script_callbacks, scripts  # noqa: E402
+
+import lib_merge  # noqa: E402,F401  (cheap; the WebUI restores sys.path after loading scripts, so import now)
 
 _host = None
 

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from lib_merge.keysets import make_state_dict  # noqa: E402
-from lib_merge.models import save_state_dict  # noqa: E402
+from lib_merge.core.files import save_state_dict  # noqa: E402
+from lib_merge.core.keysets import make_state_dict  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +55,7 @@ def tiny(tmp_path_factory) -> TinyModels:
 @pytest.fixture(scope="session")
 def runnable_models(tmp_path_factory) -> Path:
     """A folder with two tiny SD1 checkpoints diffusers can run (r1, r2): previews in tests."""
-    from lib_merge.keysets import make_runnable_state_dict
+    from lib_merge.preview.tiny import make_runnable_state_dict
     folder = tmp_path_factory.mktemp("runnable")
     for i in (1, 2):
         save_state_dict(make_runnable_state_dict("sd1", seed=i), folder / f"r{i}.safetensors")

@@ -1,10 +1,10 @@
 """Architecture detection, key -> block mapping, presets and the block-weight text form."""
 import pytest
 
-from lib_merge.arch import block_names, block_of, component_of, detect
-from lib_merge.errors import InputError, UnsupportedModelError
-from lib_merge.keysets import checkpoint_keys
-from lib_merge.weights import PRESETS, format_blocks, parse_blocks, preset, value_for_key
+from lib_merge.core.arch import block_names, block_of, component_of, detect
+from lib_merge.core.errors import InputError, UnsupportedModelError
+from lib_merge.core.keysets import checkpoint_keys
+from lib_merge.core.weights import PRESETS, format_blocks, parse_blocks, preset, value_for_key
 
 U = "model.diffusion_model."
 

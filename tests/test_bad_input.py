@@ -24,12 +24,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from lib_merge import models
-from lib_merge.engine import FileSink, merge
-from lib_merge.errors import (ArchitectureMismatchError, CorruptFileError, DiskFullError, InputError,
-                              MergeError, NonFiniteError, OutputError, UnsafeFileError, UnsupportedModelError)
-from lib_merge.recipe import ModelRef, Recipe
-from lib_merge.weights import parse_blocks
+from lib_merge.core import files as models
+from lib_merge.core.errors import (ArchitectureMismatchError, CorruptFileError, DiskFullError, InputError,
+                                   MergeError, NonFiniteError, OutputError, UnsafeFileError, UnsupportedModelError)
+from lib_merge.core.weights import parse_blocks
+from lib_merge.engine.merge import merge
+from lib_merge.engine.recipe import ModelRef, Recipe
+from lib_merge.engine.sinks import FileSink
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE_KEY = "model.diffusion_model.output_blocks.0.0.in_layers.2.weight"
@@ -357,7 +358,7 @@ def test_library_recipe_with_wrong_block_count(files, tmp_path, n):
 
 FORK_RUNNER = r"""
 import json, os, runpy, sys, traceback
-import torch, lib_merge.cli, lib_merge.engine, lib_merge.models  # the slow imports, paid once
+import torch, lib_merge.cli, lib_merge.engine.merge, lib_merge.core.files  # the slow imports, paid once
 jobs = json.load(open(sys.argv[1]))
 children = {}
 for name, job in jobs.items():

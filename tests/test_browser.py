@@ -136,8 +136,8 @@ def test_merge_and_save_in_the_browser(app, tmp_path):
         finally:
             browser.close()
 
-    from lib_merge.models import SafetensorsFile
-    from lib_merge.recipe import METADATA_KEY
+    from lib_merge.core.files import SafetensorsFile
+    from lib_merge.engine.recipe import METADATA_KEY
     path = out / "browser merge.safetensors"
     assert sorted(p.name for p in out.iterdir()) == [path.name]
     with SafetensorsFile(path) as f:

@@ -1,7 +1,7 @@
 """Standalone generation: checkpoint-layout state dicts -> diffusers modules -> images, fully offline.
 
 Tiny runnable checkpoints (keysets.make_runnable_state_dict) have every real key name and small consistent
-shapes; merges go through lib_merge.engine.merge like any other.
+shapes; merges go through lib_merge.engine.merge.merge like any other.
 """
 from __future__ import annotations
 
@@ -17,15 +17,19 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from lib_merge import diffusion as D  # noqa: E402
-from lib_merge import tokenizers as T  # noqa: E402
-from lib_merge.arch import detect  # noqa: E402
-from lib_merge.engine import DictSink, TensorSink, merge  # noqa: E402
-from lib_merge.errors import CancelledError, InputError, MergeError  # noqa: E402
-from lib_merge.host import GenerationRequest  # noqa: E402
-from lib_merge.keysets import checkpoint_keys, make_runnable_state_dict  # noqa: E402
-from lib_merge.models import save_state_dict  # noqa: E402
-from lib_merge.recipe import ModelRef, Recipe  # noqa: E402
+from lib_merge.core.arch import detect  # noqa: E402
+from lib_merge.core.errors import CancelledError, InputError, MergeError  # noqa: E402
+from lib_merge.core.files import save_state_dict  # noqa: E402
+from lib_merge.core.generation import GenerationRequest  # noqa: E402
+from lib_merge.core.keysets import checkpoint_keys
+from lib_merge.engine.merge import merge  # noqa: E402
+from lib_merge.engine.recipe import ModelRef, Recipe  # noqa: E402
+from lib_merge.engine.sinks import DictSink, TensorSink
+from lib_merge.preview import tokenizers as T  # noqa: E402
+from lib_merge.preview.configs import UNET, VAE, derive_spec  # noqa: E402
+from lib_merge.preview.convert import _build_modules, _check_targets, _targets, key_map  # noqa: E402
+from lib_merge.preview.generator import Generator  # noqa: E402
+from lib_merge.preview.tiny import make_runnable_state_dict, runnable_keys, tiny_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,12 +75,12 @@ def runnable(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gen():
-    return D.Generator()
+    return Generator()
 
 
 @pytest.fixture(scope="module")
 def xl_gen():
-    return D.Generator()
+    return Generator()
 
 
 def merged(paths, alpha: float, sink=None, **kw):
@@ -91,11 +95,11 @@ def merged(paths, alpha: float, sink=None, **kw):
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_runnable_checkpoints_have_the_real_key_names(family):
     sd = tiny(family, SEEDS[family])
-    assert list(sd) == D.runnable_keys(family)
+    assert list(sd) == runnable_keys(family)
     assert {k.key for k in checkpoint_keys(family)} <= set(sd) <= {k.key for k in checkpoint_keys(family, with_optional=True)}
     assert detect({k: tuple(v.shape) for k, v in sd.items()}).family == family
     # the configs derived from the shapes are those the tiny model was built from
-    assert D.derive_spec({k: v.shape for k, v in sd.items()}).signature() == D.tiny_spec(family).signature()
+    assert derive_spec({k: v.shape for k, v in sd.items()}).signature() == tiny_spec(family).signature()
     # GroupNorm-friendly: every UNet/VAE norm has channels divisible by 32
     for k, v in sd.items():
         if k.startswith(("model.diffusion_model.", "first_stage_model.")) and k.endswith("norm.weight"):
@@ -110,7 +114,7 @@ def test_full_size_configs_are_those_of_the_released_models(family):
     """Shapes of real checkpoints (the key tables) -> configs; modules built on the meta device (no memory)."""
     shapes = {k: tuple(s) for k, s in ((k.key, k.shape) for k in checkpoint_keys(family, with_optional=True))
               if k not in ("v_pred", "ztsnr") and not k.startswith("edm_vpred.")}
-    spec = D.derive_spec(shapes)
+    spec = derive_spec(shapes)
     u, v = spec.unet, spec.vae
     want_unet = {
         "sd1": dict(block_out_channels=[320, 640, 1280, 1280], attention_head_dim=8, cross_attention_dim=768,
@@ -132,10 +136,10 @@ def test_full_size_configs_are_those_of_the_released_models(family):
     assert texts == {"sd1": [(768, 12, 12, "quick_gelu", False)],
                      "sd2": [(1024, 23, 16, "gelu", False)],
                      "sdxl": [(768, 12, 12, "quick_gelu", False), (1280, 32, 20, "gelu", True)]}[family]
-    modules = D._build_modules(spec, torch.device("meta"), torch.float16)
-    kmap = D.key_map(shapes, spec)
-    targets = D._targets(modules, kmap, shapes)
-    assert D._check_targets(modules, kmap, targets, shapes, lambda m, p: False) == []
+    modules = _build_modules(spec, torch.device("meta"), torch.float16)
+    kmap = key_map(shapes, spec)
+    targets = _targets(modules, kmap, shapes)
+    assert _check_targets(modules, kmap, targets, shapes, lambda m, p: False) == []
     millions = {n: round(sum(p.numel() for p in m.parameters()) / 1e6, 1) for n, m in modules.items()}
     assert millions["unet"] == {"sd1": 859.5, "sd2": 865.9, "sdxl": 2567.5}[family]
     assert millions["vae"] == 83.7
@@ -145,14 +149,14 @@ def test_full_size_configs_are_those_of_the_released_models(family):
 def test_key_mapping_agrees_with_diffusers_own_converters(family, runnable):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     sd = tiny(family, SEEDS[family])
-    spec = D.derive_spec({k: v.shape for k, v in sd.items()})
-    kmap = D.key_map(sd, spec)
+    spec = derive_spec({k: v.shape for k, v in sd.items()})
+    kmap = key_map(sd, spec)
     # UNet: diffusers' converter only moves dict entries, so key names as values give its key mapping
-    theirs = convert_ldm_unet_checkpoint({k: k for k in sd if k.startswith(D.UNET)}, spec.unet)
+    theirs = convert_ldm_unet_checkpoint({k: k for k in sd if k.startswith(UNET)}, spec.unet)
     ours = {t.params[0]: k for k, t in kmap.items() if t.module == "unet"}
     assert ours == theirs
     # VAE: compare values (the converter reshapes the attention's 1x1 convolutions)
-    theirs = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if k.startswith(D.VAE)}, spec.vae)
+    theirs = convert_ldm_vae_checkpoint({k: v for k, v in sd.items() if k.startswith(VAE)}, spec.vae)
     ours = {t.params[0]: k for k, t in kmap.items() if t.module == "vae"}
     assert set(ours) == set(theirs)
     for name, key in ours.items():
@@ -187,7 +191,7 @@ def _ln_final(sd, prefix, x):
 def test_openclip_text_towers_convert_exactly(family, xl_gen):
     """Fused in_proj -> q/k/v, transposed text_projection, penultimate layers: against a plain reference."""
     sd = tiny(family, SEEDS[family])
-    g = xl_gen if family == "sdxl" else D.Generator()
+    g = xl_gen if family == "sdxl" else Generator()
     g.load(sd)
     t = g.spec.texts[-1]
     prefix, heads = t.prefix, t.config["num_attention_heads"]
@@ -255,13 +259,13 @@ def test_live_merge_straight_into_the_modules(runnable):
     """engine.merge into Generator.sink() (built from the merge's shapes) == load(merged state dict);
     a re-merge into a TensorSink of module_targets() changes the live model in place."""
     states, paths = runnable
-    g = D.Generator()
+    g = Generator()
     sink = g.sink(name="live", model_hash="abcdef0123")
     merged(paths, 0.3, sink=sink)
     assert sink.skipped == ["cond_stage_model.transformer.text_model.embeddings.position_ids"]
     live = g.generate(req(sampler="DPM++ 2M"))
     assert "Model hash: abcdef0123, Model: live" in live.infotexts[0]
-    g2 = D.Generator()
+    g2 = Generator()
     g2.load(merged(paths, 0.3).output)
     assert np.array_equal(pixels(live.images[0]), pixels(g2.generate(req(sampler="DPM++ 2M")).images[0]))
     modules_before = g.modules["unet"]
@@ -312,12 +316,12 @@ def test_sdxl_converts_and_generates(runnable, xl_gen):
     pruned = {k: v for k, v in sd.items()
               if not k.startswith(("conditioner.embedders.0.transformer.text_model.encoder.layers.11.",
                                    "conditioner.embedders.0.transformer.text_model.final_layer_norm."))}
-    g2 = D.Generator()
+    g2 = Generator()
     assert len(g2.load(pruned)) == 1
     assert np.array_equal(img, pixels(g2.generate(r).images[0]))
     # ... but not the second encoder's projection
     with pytest.raises(MergeError, match="text_projection.*pooled prompt embedding"):
-        D.Generator().load({k: v for k, v in sd.items() if not k.endswith("embedders.1.model.text_projection")})
+        Generator().load({k: v for k, v in sd.items() if not k.endswith("embedders.1.model.text_projection")})
 
 
 def test_old_sd1_text_encoder_key_names(runnable, gen):
@@ -326,14 +330,14 @@ def test_old_sd1_text_encoder_key_names(runnable, gen):
     old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v for k, v in sd.items()}
     gen.load(sd)
     want = pixels(gen.generate(req(steps=2)).images[0])
-    g = D.Generator()
+    g = Generator()
     g.load(old)
     assert "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight" in g.module_targets()
     assert np.array_equal(pixels(g.generate(req(steps=2)).images[0]), want)
 
 
 def test_inpainting_model_generates():
-    g = D.Generator()
+    g = Generator()
     g.load(tiny("sd1", 5, "inpainting"))
     assert g.spec.variant == "inpainting" and g.spec.unet["in_channels"] == 9
     assert pixels(g.generate(req(steps=2)).images[0]).std() > 1
@@ -356,19 +360,19 @@ def test_tokenizers_from_each_source(tmp_path, monkeypatch):
         T.load_tokenizer("clip_l", tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(MergeError, match="neither vocab.json"):
-        D.Generator(tokenizer_dir=str(tmp_path / "empty")).load(tiny("sd1", 1))
+        Generator(tokenizer_dir=str(tmp_path / "empty")).load(tiny("sd1", 1))
     # no source at all: the message says how to add one
     monkeypatch.setattr(T, "bundled_bpe_files", lambda: [])
     T.clear_cache()
     with pytest.raises(MergeError, match="No CLIP tokenizer.*clip-anytorch"):
-        D.Generator(hf_cache=False).load(tiny("sd1", 1))
+        Generator(hf_cache=False).load(tiny("sd1", 1))
     T.clear_cache()
 
 
 def test_clear_errors(runnable, gen):
     states, _ = runnable
     with pytest.raises(MergeError, match="No model is loaded"):
-        D.Generator().generate(req())
+        Generator().generate(req())
     gen.load(states["sd1_a"])
     with pytest.raises(InputError, match="Unknown sampler 'Foo'.*Euler a"):
         gen.generate(req(sampler="Foo"))
@@ -378,15 +382,15 @@ def test_clear_errors(runnable, gen):
         gen.generate(req(), cancel=lambda: True)
     no_vae = {k: v for k, v in states["sd1_a"].items() if not k.startswith("first_stage_model.")}
     with pytest.raises(MergeError, match="no VAE"):
-        D.Generator().load(no_vae)
+        Generator().load(no_vae)
     # a separate VAE file's state (keys without the prefix) fills the gap
     vae = {k[len("first_stage_model."):]: v for k, v in states["sd1_b"].items() if k.startswith("first_stage_model.")}
-    g = D.Generator()
+    g = Generator()
     g.load(no_vae, vae=vae)
     assert torch.equal(g.module_targets()["first_stage_model.decoder.conv_out.weight"],
                        states["sd1_b"]["first_stage_model.decoder.conv_out.weight"])
     with pytest.raises(MergeError, match="no text encoder"):
-        D.Generator().load({k: v for k, v in states["sd1_a"].items() if not k.startswith("cond_stage_model.")})
+        Generator().load({k: v for k, v in states["sd1_a"].items() if not k.startswith("cond_stage_model.")})
 
 
 def test_seed_minus_one_is_random_and_reported(runnable, gen):
@@ -397,7 +401,7 @@ def test_seed_minus_one_is_random_and_reported(runnable, gen):
 
 
 def test_importing_the_generator_imports_no_diffusers():
-    code = ("import sys; import lib_merge.diffusion, lib_merge.tokenizers, lib_merge.keysets; "
+    code = ("import sys; import lib_merge.preview.generator, lib_merge.preview.tokenizers, lib_merge.core.keysets; "
             "bad = [m for m in ('diffusers', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
@@ -406,7 +410,7 @@ def test_importing_the_generator_imports_no_diffusers():
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_cuda_float16_generation(family):
     """On a GPU in float16 (the VAE stays float32); the initial noise still comes from CPU generators."""
-    g = D.Generator(device="cuda", dtype=torch.float16)
+    g = Generator(device="cuda", dtype=torch.float16)
     g.load(tiny(family, SEEDS[family]))
     assert g.modules["unet"].dtype == torch.float16 and g.modules["vae"].dtype == torch.float32
     r = req(negative_prompt="" if family == "sdxl" else "blurry", batch_size=2)
@@ -415,6 +419,6 @@ def test_cuda_float16_generation(family):
     b = g.generate(r).images
     assert all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(a, b))
     # the same merge on the CPU in float32 gives nearly the same picture
-    c = D.Generator()
+    c = Generator()
     c.load(tiny(family, SEEDS[family]))
     assert np.abs(pixels(c.generate(r).images[0]) - pixels(a[0])).mean() < 8

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from lib_merge import weights as W
-from lib_merge.arch import block_names
-from lib_merge.errors import InputError, OutputError
-from lib_merge.keysets import checkpoint_keys
-from lib_merge.weights import WeightSet, match_keys
+from lib_merge.core import weights as W
+from lib_merge.core.arch import block_names
+from lib_merge.core.errors import InputError, OutputError
+from lib_merge.core.keysets import checkpoint_keys
+from lib_merge.core.weights import WeightSet, match_keys
 
 U = "model.diffusion_model."
 TE1 = "cond_stage_model.transformer.text_model.final_layer_norm.weight"

@@ -3,10 +3,12 @@ tensors end up bit for bit equal to a full merge of the final recipe (float32)."
 import pytest
 import torch
 
-from lib_merge.arch import block_names, block_of
-from lib_merge.engine import LiveCache, TensorSink, merge
-from lib_merge.recipe import ModelRef, Recipe
-from lib_merge.weights import preset
+from lib_merge.core.arch import block_names, block_of
+from lib_merge.core.weights import preset
+from lib_merge.engine.live import LiveCache
+from lib_merge.engine.merge import merge
+from lib_merge.engine.recipe import ModelRef, Recipe
+from lib_merge.engine.sinks import TensorSink
 
 
 def refs(tiny, *names):
@@ -78,7 +80,7 @@ def test_other_changes_are_full_merges_and_budget_is_respected(tiny):
 
 
 def test_a_failed_remerge_forgets_the_kept_terms(tiny):
-    from lib_merge.errors import CancelledError
+    from lib_merge.core.errors import CancelledError
     targets = fresh_targets(tiny)
     sink = TensorSink(targets)
     live = LiveCache(budget_bytes=1 << 30)

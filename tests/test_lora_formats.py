@@ -12,12 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_merge.errors import MergeError
-from lib_merge.lora import UnsupportedLoraError, open_lora, save_kohya
-from lib_merge.lora import keys as K
+from lib_merge.core.errors import MergeError
+from lib_merge.core.files import save_state_dict
+from lib_merge.lora import UnsupportedLoraError, keys as K, open_lora, save_kohya
 from lib_merge.lora.formats import LoraModule, kohya_hashes
 from lib_merge.lora.info import summary, top_tags
-from lib_merge.models import save_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -311,7 +310,7 @@ def _sdxl_kohya_names() -> list[str]:
 
 
 def test_every_module_of_real_loras_finds_its_checkpoint_key():
-    from lib_merge.keysets import checkpoint_keys
+    from lib_merge.core.keysets import checkpoint_keys
     names = _sd1_kohya_names()
     assert len(names) == 264
     assert K.unresolved(names, "sd1") == []

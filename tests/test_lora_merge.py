@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_merge.errors import ArchitectureMismatchError, InputError, MergeError
-from lib_merge.lora import keys as K
-from lib_merge.lora import open_lora, save_kohya
+from lib_merge.core.errors import ArchitectureMismatchError, InputError, MergeError
+from lib_merge.core.files import open_model
+from lib_merge.core.randomness import generator_for
+from lib_merge.lora import keys as K, open_lora, save_kohya
 from lib_merge.lora.bake import bake
 from lib_merge.lora.lbw import LAYOUTS, PRESETS, module_block, parse_lbw
-from lib_merge.lora.merge import (LoraInput, RankMismatchError, merge, merge_modules, parse_lora_arg)
-from lib_merge.models import open_model
-from lib_merge.randomness import generator_for
+from lib_merge.lora.merge import LoraInput, RankMismatchError, merge, merge_modules, parse_lora_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -389,7 +388,7 @@ def test_cli_merge_and_bake(tiny, tmp_path, sd1_pair):
 
 
 def test_bake_loha_module_and_dtype_keep(tiny, tmp_path):
-    from lib_merge.models import save_state_dict
+    from lib_merge.core.files import save_state_dict
     base = tiny.state["sd1_a"]
     name = SD1["to_k"]
     out_, in_ = delta_shape(base, "sd1", name)

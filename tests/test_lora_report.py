@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lib_merge.arch import block_of
-from lib_merge.lora import keys as K
-from lib_merge.lora import open_lora, save_kohya
+from lib_merge.core.arch import block_of
+from lib_merge.lora import keys as K, open_lora, save_kohya
 from lib_merge.lora.report import block_norms, describe, report, report_png, report_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +111,7 @@ def test_cli_report(tiny, tmp_path):
 
 
 def test_importing_lora_report_does_not_import_matplotlib():
-    code = "import sys, lib_merge.lora.report, lib_merge.lora.cli; print('matplotlib' in sys.modules)"
+    code = "import sys, lib_merge.lora.report, lib_merge.cli.lora; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

@@ -1,9 +1,9 @@
 """The LoRA tools together: bake(extract(base, tuned)) gives back the tuned checkpoint."""
 import torch
 
+from lib_merge.core.files import save_state_dict
 from lib_merge.lora.bake import bake
 from lib_merge.lora.extract import extract
-from lib_merge.models import save_state_dict
 
 
 def test_bake_of_an_extracted_lora_gives_back_the_fine_tune(tiny, tmp_path):
@@ -30,7 +30,8 @@ def test_bake_of_an_extracted_lora_gives_back_the_fine_tune(tiny, tmp_path):
 
 def test_bake_reports_progress_and_can_be_interrupted(tiny, tmp_path):
     import pytest
-    from lib_merge.errors import CancelledError
+
+    from lib_merge.core.errors import CancelledError
     base = tiny.state["sd1_a"]
     k = next(k for k in base if k.endswith("attn1.to_q.weight"))
     tuned = dict(base)

@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_merge.errors import ArchitectureMismatchError, MergeError, OutputError
-from lib_merge.keysets import make_state_dict
+from lib_merge.cli.lora_svd import add_svd_commands
+from lib_merge.core.errors import ArchitectureMismatchError, MergeError, OutputError
+from lib_merge.core.files import save_state_dict
+from lib_merge.core.keysets import make_state_dict
+from lib_merge.core.randomness import generator_for
 from lib_merge.lora import open_lora
-from lib_merge.lora.cli_svd import add_svd_commands
 from lib_merge.lora.extract import extract
-from lib_merge.lora.resize import parse_dynamic, rank_by_rule, resize
 from lib_merge.lora.merge import combine
+from lib_merge.lora.resize import parse_dynamic, rank_by_rule, resize
 from lib_merge.lora.svd import SvdError, compose, factorize, merge_svd
-from lib_merge.randomness import generator_for
-from lib_merge.models import save_state_dict
 
 
 def g(seed):

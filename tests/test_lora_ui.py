@@ -11,15 +11,16 @@ import torch
 
 gr = pytest.importorskip("gradio")
 
-from lib_merge.host.standalone import StandaloneHost  # noqa: E402
-from lib_merge.lora import open_lora, save_kohya  # noqa: E402
-from lib_merge.lora.merge import RECIPE_KEY  # noqa: E402
-from lib_merge.models import open_model  # noqa: E402
-from lib_merge.lora.actions import lora_path  # noqa: E402
-from lib_merge.ui.lora_tab import LoraTools  # noqa: E402
-from lib_merge.ui.tab import make_tab  # noqa: E402
 from test_lora_merge import SD1, hand_delta, make_modules  # noqa: E402  (tests/ is on sys.path under pytest)
 from test_ui import run  # noqa: E402  (a handler's updates, streaming ones merged)
+
+from lib_merge.core.files import open_model  # noqa: E402
+from lib_merge.host.standalone import StandaloneHost  # noqa: E402
+from lib_merge.lora import open_lora, save_kohya  # noqa: E402
+from lib_merge.lora.actions import lora_path  # noqa: E402
+from lib_merge.lora.merge import RECIPE_KEY  # noqa: E402
+from lib_merge.ui.lora_tab import LoraTools  # noqa: E402
+from lib_merge.ui.tab import make_tab  # noqa: E402
 
 NAMES = [SD1["to_k"], SD1["proj_in"], SD1["conv"], SD1["te_q"]]
 
@@ -67,7 +68,7 @@ def test_section_is_built_in_the_tab_with_the_lora_and_checkpoint_lists(setup):
              for n in ("lora_info_name", "lora_merge_add", "lora_bake_ckpt")}
     assert lists["lora_info_name"] == lists["lora_merge_add"] == ["one.safetensors", "sub/two.safetensors"]
     assert lists["lora_bake_ckpt"] == ["sd1_a.safetensors", "sd1_b.safetensors"]
-    from lib_merge.ui.tab import GENERATION_FIELDS
+    from lib_merge.ui.form import GENERATION_FIELDS
     assert all(n.startswith("lora_") or n in GENERATION_FIELDS for n in tools.c)
     assert all(tools.c[n] is tab.c[n] for n in GENERATION_FIELDS)   # the plot reads the tab's preview widgets
     # labels the WebUI would save in ui-config.json do not clash with the tab's (nor with each other)

@@ -8,15 +8,15 @@ import re
 import numpy as np
 import pytest
 import torch
+from test_lora_merge import SD1, XL, make_modules, write_lora  # noqa: E402  (tests/ is on sys.path)
 
-from lib_merge.errors import ArchitectureMismatchError, CancelledError, InputError, MergeError
-from lib_merge.host import GenerationRequest
+from lib_merge.core.errors import ArchitectureMismatchError, CancelledError, InputError, MergeError
+from lib_merge.core.files import open_model
+from lib_merge.core.generation import GenerationRequest
 from lib_merge.lora import xy as lxy
 from lib_merge.lora.bake import bake
 from lib_merge.lora.live import bake_into_host
 from lib_merge.lora.merge import LoraInput, RankMismatchError
-from lib_merge.models import open_model
-from test_lora_merge import SD1, XL, make_modules, write_lora  # noqa: E402  (tests/ is on sys.path)
 
 REQ = GenerationRequest(prompt="a cat", seed=7, steps=2, width=64, height=64)
 
@@ -320,6 +320,7 @@ def client(tab_setup):
     pytest.importorskip("fastapi")
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
+
     from lib_merge.api import register_routes
     host, tab, state = tab_setup
     app = FastAPI()
@@ -377,6 +378,7 @@ def test_api_runs_a_lora_plot(client):
     import io
 
     from PIL import Image
+
     from lib_merge.api import PREFIX
     http, host, state = client
     body = {"checkpoint": "r1.safetensors", "loras": ["a.safetensors", "b.safetensors"],
@@ -422,9 +424,9 @@ def test_api_resizes_and_extracts(client):
 def test_sdxl_lora_plot_bakes_fused_qkv_rows_into_the_preview_model(tmp_path):
     """SDXL: the second text encoder's q/k/v modules land in their row thirds of the fused in_proj_weight of
     the live (diffusers) model, exactly as a bake to a state dict puts them; the plot runs on it."""
+    from lib_merge.core.files import save_state_dict
     from lib_merge.host.standalone import StandaloneHost
-    from lib_merge.keysets import make_runnable_state_dict
-    from lib_merge.models import save_state_dict
+    from lib_merge.preview.tiny import make_runnable_state_dict
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -4,11 +4,12 @@ import itertools
 import pytest
 import torch
 
-from lib_merge.engine import DictSink, merge
-from lib_merge.randomness import ChunkRandom
-from lib_merge.errors import InputError
-from lib_merge.models import save_state_dict
-from lib_merge.recipe import ModelRef, Recipe
+from lib_merge.core.errors import InputError
+from lib_merge.core.files import save_state_dict
+from lib_merge.core.randomness import ChunkRandom
+from lib_merge.engine.merge import merge
+from lib_merge.engine.recipe import ModelRef, Recipe
+from lib_merge.engine.sinks import DictSink
 
 KEYS = [  # a few real SD1 keys of different shapes (tiny sizes)
     "model.diffusion_model.input_blocks.1.1.proj_in.weight",
@@ -288,7 +289,7 @@ def test_base_rules_and_lambda_blocks(family, tiny):
     with pytest.raises(InputError, match="3 weights given for 2 models"):
         merge(Recipe("weighted_soup", [ModelRef(x.name, str(x)) for x in p[:2]], params={"weights": [1, 2, 3]}), DictSink())
     # λ per block: IN_ONLY -> input blocks get the full TIES delta, output blocks stay at the base
-    from lib_merge.weights import preset
+    from lib_merge.core.weights import preset
     r = Recipe("ties_soup", [ModelRef(x.name, str(x)) for x in p[:2]], base=ModelRef("b", str(family["base"][0])),
                blocks={"lambda": preset("IN_ONLY", "sd1")}, dtype="float32")
     out = merge(r, DictSink()).output

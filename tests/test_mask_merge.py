@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lib_merge.engine import DictSink, merge
-from lib_merge.masks import simple
-from lib_merge.recipe import ModelRef, Recipe
-from lib_merge.weights import WeightSet
+from lib_merge.core.masks import simple
+from lib_merge.core.weights import WeightSet
+from lib_merge.engine.merge import merge
+from lib_merge.engine.recipe import ModelRef, Recipe
+from lib_merge.engine.sinks import DictSink
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 K = "model.diffusion_model.input_blocks.4.1.proj_in.weight"

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from lib_merge import masks
-from lib_merge.errors import InputError, OutputError
-from lib_merge.masks import Mask
-from lib_merge.models import open_model, save_state_dict
+from lib_merge.core import masks
+from lib_merge.core.errors import InputError, OutputError
+from lib_merge.core.files import open_model, save_state_dict
+from lib_merge.core.masks import Mask
 
 U = "model.diffusion_model."
 IN1 = U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"      # (10, 24) in the tiny SD1

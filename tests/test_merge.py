@@ -5,13 +5,14 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from safetensors import safe_open
+from safetensors.torch import load_file
 
-from lib_merge.arch import block_names, block_of, component_of
-from lib_merge.engine import DictSink, FileSink, merge
-from lib_merge.recipe import ModelRef, Recipe
-from lib_merge.weights import preset
+from lib_merge.core.arch import block_names, block_of, component_of
+from lib_merge.core.weights import preset
+from lib_merge.engine.merge import merge
+from lib_merge.engine.recipe import ModelRef, Recipe
+from lib_merge.engine.sinks import DictSink, FileSink
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -129,8 +130,8 @@ def test_inpainting_shape_mismatch_merges_common_channels(tiny):
 
 
 def test_missing_keys_keep_a_or_error(tiny, tmp_path):
-    from lib_merge.errors import InputError
-    from lib_merge.models import save_state_dict
+    from lib_merge.core.errors import InputError
+    from lib_merge.core.files import save_state_dict
     B = dict(tiny.state["sd1_b"])
     gone = "model.diffusion_model.output_blocks.3.0.skip_connection.weight"
     del B[gone]
@@ -157,7 +158,7 @@ def test_saved_file_metadata_and_recipe_redo_bit_for_bit(tiny, tmp_path):
     webui = json.loads(meta["sd_merge_recipe"])
     models = json.loads(meta["sd_merge_models"])
     ours = json.loads(meta["merge_lab_recipe"])
-    from lib_merge.models import file_hashes
+    from lib_merge.core.files import file_hashes
     ha, hb = file_hashes(tiny.path["sd1_a"]), file_hashes(tiny.path["sd1_b"])
     assert webui["primary_model_hash"] == ha["sha256"] and webui["secondary_model_hash"] == hb["sha256"]
     assert webui["interp_method"] == "weighted_sum" and webui["multiplier"] == 0.4
@@ -224,7 +225,7 @@ def test_same_bytes_on_cpu_and_gpu(tiny, tmp_path, method, names, params):
 
 
 def test_tensor_sink_writes_into_live_tensors_at_their_precision(tiny):
-    from lib_merge.engine import TensorSink
+    from lib_merge.engine.sinks import TensorSink
     A, B = tiny.state["sd1_a"], tiny.state["sd1_b"]
     live = {k: torch.zeros_like(v) for k, v in A.items()}
     vae = "first_stage_model.decoder.conv_in.weight"
@@ -239,8 +240,8 @@ def test_tensor_sink_writes_into_live_tensors_at_their_precision(tiny):
 
 
 def test_tensor_sink_abort_hook_runs_when_a_merge_fails(tiny):
-    from lib_merge.engine import TensorSink
-    from lib_merge.errors import CancelledError
+    from lib_merge.core.errors import CancelledError
+    from lib_merge.engine.sinks import TensorSink
     calls = []
     live = {k: torch.zeros_like(v) for k, v in tiny.state["sd1_a"].items()}
     with pytest.raises(CancelledError):

@@ -20,12 +20,13 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from lib_merge import models
-from lib_merge.engine import DictSink, FileSink, merge
-from lib_merge.errors import CancelledError, DiskFullError, OutputError
-from lib_merge.models import (SafetensorsFile, SafetensorsWriter, file_hashes, open_model, safe_output_path,
-                              save_state_dict)
-from lib_merge.recipe import ModelRef, Recipe
+from lib_merge.core import files as models
+from lib_merge.core.errors import CancelledError, DiskFullError, OutputError
+from lib_merge.core.files import (SafetensorsFile, SafetensorsWriter, file_hashes, open_model, safe_output_path,
+                                  save_state_dict)
+from lib_merge.engine.merge import merge
+from lib_merge.engine.recipe import ModelRef, Recipe
+from lib_merge.engine.sinks import DictSink, FileSink
 
 UNET_KEY = "model.diffusion_model.output_blocks.0.0.in_layers.2.weight"
 

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from lib_merge import session
 from lib_merge.api import PREFIX, register_routes
-from lib_merge.host import GenerationRequest
+from lib_merge.core.generation import GenerationRequest
 from lib_merge.host.standalone import StandaloneHost
 
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_merge import masks, report, tools
-from lib_merge.cli_tools import add_tool_commands
-from lib_merge.errors import InputError, MergeError, OutputError
-from lib_merge.masks import Mask
-from lib_merge.models import open_model
-from lib_merge.weights import WeightSet
+from lib_merge.cli.tools import add_tool_commands
+from lib_merge.core import masks
+from lib_merge.core.errors import InputError, MergeError, OutputError
+from lib_merge.core.files import open_model
+from lib_merge.core.masks import Mask
+from lib_merge.core.weights import WeightSet
+from lib_merge.tools import report, transform as tools
 
 U = "model.diffusion_model."
 ATTN = [U + "input_blocks.1.1.transformer_blocks.0.attn1", U + "input_blocks.1.1.transformer_blocks.0.attn2",
@@ -189,7 +190,7 @@ def test_layer_report_heat_map(tiny, tmp_path):
 
 
 def test_importing_report_does_not_import_matplotlib():
-    code = "import sys, lib_merge.report, lib_merge.cli_tools; print('matplotlib' in sys.modules)"
+    code = "import sys, lib_merge.tools.report, lib_merge.cli.tools; print('matplotlib' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert done.stdout.strip() == "False"

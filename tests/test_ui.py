@@ -12,16 +12,16 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from lib_merge import session  # noqa: E402
-from lib_merge.arch import block_names  # noqa: E402
-from lib_merge.errors import InputError  # noqa: E402
-from lib_merge.host import GenerationResult  # noqa: E402
+from lib_merge.core.arch import block_names  # noqa: E402
+from lib_merge.core.errors import InputError  # noqa: E402
+from lib_merge.core.files import SafetensorsFile  # noqa: E402
+from lib_merge.core.generation import GenerationResult  # noqa: E402
+from lib_merge.core.weights import format_blocks, preset  # noqa: E402
+from lib_merge.engine.recipe import METADATA_KEY, Recipe  # noqa: E402
 from lib_merge.host.standalone import StandaloneHost  # noqa: E402
 from lib_merge.methods import METHODS, Choice  # noqa: E402
-from lib_merge.models import SafetensorsFile  # noqa: E402
-from lib_merge.recipe import METADATA_KEY, Recipe  # noqa: E402
 from lib_merge.ui import form as F  # noqa: E402
 from lib_merge.ui.tab import build_tab, make_tab  # noqa: E402
-from lib_merge.weights import format_blocks, preset  # noqa: E402
 
 MODELS = ("sd1_a", "sd1_b", "sd1_c", "sdxl_a", "sdxl_b")
 

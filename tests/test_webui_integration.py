@@ -104,9 +104,9 @@ LORA_MODULES = ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2
 def _make_sd1_lora(path: Path) -> Path:
     """A rank-4 kohya LoRA with three SD1 modules at their real shapes (from the key table, not a file)."""
     import torch
-    from lib_merge.keysets import checkpoint_keys
-    from lib_merge.lora import keys as K
-    from lib_merge.lora import save_kohya
+
+    from lib_merge.core.keysets import checkpoint_keys
+    from lib_merge.lora import keys as K, save_kohya
     shapes = {k.key: tuple(k.shape) for k in checkpoint_keys("sd1")}
     g = torch.Generator().manual_seed(0)
     modules = {}

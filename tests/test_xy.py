@@ -4,10 +4,10 @@ import pytest
 from PIL import Image
 
 from lib_merge import session, xy
-from lib_merge.errors import MergeError
-from lib_merge.host import GenerationRequest
+from lib_merge.core.errors import MergeError
+from lib_merge.core.generation import GenerationRequest
+from lib_merge.core.weights import preset
 from lib_merge.host.standalone import StandaloneHost
-from lib_merge.weights import preset
 from lib_merge.xy import Axis, run_xy
 
 MODELS = ["r1.safetensors", "r2.safetensors"]

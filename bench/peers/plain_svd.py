@@ -63,8 +63,8 @@ def save(modules: dict, out: str, dim: int, family: str = "sd1") -> None:
 
 
 def cmd_extract(args) -> None:
-    from lib_merge.lora.extract import plan_modules
     from lib_merge.lora import keys as K
+    from lib_merge.lora.extract import plan_modules
     with safe_open(args.base, "pt") as fb, safe_open(args.tuned, "pt") as ft:
         keys = set(fb.keys()) & set(ft.keys())
         plan = plan_modules(args.family, keys, conv=False)

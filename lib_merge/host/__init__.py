@@ -6,29 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-@dataclass
-class GenerationRequest:
-    """A txt2img payload, in the WebUI's terms."""
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: int = -1
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
-    sampler: str = "Euler a"
-    batch_size: int = 1
-
-
-@dataclass
-class GenerationResult:
-    images: list[Any] = field(default_factory=list)      # PIL images
-    infotexts: list[str] = field(default_factory=list)
+from ..core.generation import GenerationRequest, GenerationResult
 
 
 @dataclass
@@ -54,7 +36,7 @@ class Host:
         self.loaded: LoadedMerge | None = None
         self.current_state: dict | None = None   # the last in-memory merge where there is no live model
         self.last_progress: tuple[float, str] = (0.0, "")  # (fraction, text) of the running job, for the tab
-        self.live_cache = None   # an engine.LiveCache where the host has a live model worth re-merging fast
+        self.live_cache = None   # an engine.live.LiveCache where the host has a live model worth re-merging fast
 
     # ---- models and folders
     def list_checkpoints(self, refresh: bool = False) -> list[str]:
@@ -74,7 +56,7 @@ class Host:
 
     def create_demo_models(self) -> list[str]:
         """Make two tiny demo checkpoints where this host lists models (standalone only)."""
-        from ..errors import MergeError
+        from ..core.errors import MergeError
         raise MergeError("Demo models are made by the standalone app only.")
 
     def saved(self, path: Path) -> None:
@@ -93,7 +75,7 @@ class Host:
         `shapes` (model A's {key: shape}) describe the merge (a host may refuse a live model of another
         architecture, or build one for it); the VAE is written only when the merge merges it.
         """
-        from ..engine import DictSink
+        from ..engine.sinks import DictSink
         sink = DictSink()
         yield sink
         self.current_state = sink.state
@@ -112,7 +94,7 @@ class Host:
         return []
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
-        from ..errors import MergeError
+        from ..core.errors import MergeError
         raise MergeError("Previews need the WebUI (or the standalone image generator, coming in a later version).")
 
     # ---- progress, interrupt, exclusivity

@@ -1,8 +1,8 @@
 """The Host interface without the WebUI: a models folder, an output folder, and a diffusers model.
 
 With diffusers installed (the standalone requirements have it) a merge "into memory" goes straight into
-a diffusers UNet / VAE / text encoder(s) built from the merge's shapes (lib_merge.diffusion), which then
-generates previews; re-merges after slider changes rewrite only the changed tensors (engine.LiveCache).
+a diffusers UNet / VAE / text encoder(s) built from the merge's shapes (lib_merge/preview/), which then
+generates previews; re-merges after slider changes rewrite only the changed tensors (engine.live.LiveCache).
 A model diffusers cannot run is merged into a plain state dict instead, with a note. Restore drops it.
 Names are file paths relative to the models folder, as the WebUI shows its checkpoints; anything else
 is refused, so a name can never reach outside the folder.
@@ -15,8 +15,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, MergeError
-from . import GenerationRequest, GenerationResult, Host, LoadedMerge
+from ..core.errors import InputError, MergeError
+from ..core.generation import GenerationRequest, GenerationResult
+from . import Host, LoadedMerge
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_DIR = "Lora"   # the WebUI's folder name for LoRAs (models/Lora)
@@ -29,7 +30,7 @@ class StandaloneHost(Host):
     def __init__(self, models_dir: str | Path = "models", output_dir: str | Path = "outputs",
                  lora_dir: str | Path | None = None, settings: dict[str, Any] | None = None,
                  generate: bool | None = None):
-        from ..engine import LiveCache
+        from ..engine.live import LiveCache
         super().__init__()
         # previews need diffusers (installed with the standalone requirements); generate=False turns them off
         self.can_generate = self.has_live_model = (
@@ -88,7 +89,7 @@ class StandaloneHost(Host):
 
     def create_demo_models(self) -> list[str]:
         """Two tiny SD1.5-shaped checkpoints in the models folder, so a newcomer can merge at once."""
-        from ..demo import make_demo_models
+        from ..preview.demo import make_demo_models
         paths = make_demo_models(self.models_dir)
         self.list_checkpoints(refresh=True)
         return [p.relative_to(self.models_dir).as_posix() for p in paths]
@@ -97,7 +98,7 @@ class StandaloneHost(Host):
     @property
     def generator(self):
         if self._generator is None:
-            from ..diffusion import Generator
+            from ..preview.generator import Generator
             self._generator = Generator(tokenizer_dir=self.setting("generation_tokenizer_dir") or None)
         return self._generator
 
@@ -138,7 +139,7 @@ class StandaloneHost(Host):
     def list_samplers(self) -> list[str]:
         if not self.can_generate:
             return []
-        from ..diffusion import SAMPLER_NAMES
+        from ..preview.samplers import SAMPLER_NAMES
         return list(SAMPLER_NAMES)
 
     def generate(self, request: GenerationRequest) -> GenerationResult:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, MergeError
-from . import GenerationRequest, GenerationResult, Host, LoadedMerge
+from ..core.errors import InputError, MergeError
+from ..core.generation import GenerationRequest, GenerationResult
+from . import Host, LoadedMerge
 
 RECIPE_INFOTEXT_KEY = "Merge Lab recipe"
 
@@ -50,7 +51,7 @@ class WebUIHost(Host):
     has_live_model = True
 
     def __init__(self):
-        from ..engine import LiveCache
+        from ..engine.live import LiveCache
         super().__init__()
         self._original: tuple | None = None   # (sd_checkpoint_info, sd_model_hash) before our first merge
         self._vae_written = False
@@ -128,8 +129,9 @@ class WebUIHost(Host):
     @contextlib.contextmanager
     def live_target(self, family: str, merge_vae: bool, shapes: dict | None = None):
         from modules import sd_hijack
-        from ..arch import VAE, component_of
-        from ..engine import TensorSink
+
+        from ..core.arch import VAE, component_of
+        from ..engine.sinks import TensorSink
         model = self._model()
         live = _family_of_model(model)
         if live != family:
@@ -165,8 +167,8 @@ class WebUIHost(Host):
 
     def _write_original(self, model, with_vae: bool) -> None:
         """Stream the checkpoint the WebUI loaded back into the model (after a failed or undone merge)."""
-        from ..arch import VAE, component_of
-        from ..models import open_model
+        from ..core.arch import VAE, component_of
+        from ..core.files import open_model
         info = self._original[0] if self._original else model.sd_checkpoint_info
         targets = model.state_dict(keep_vars=True)
         written = []
@@ -284,6 +286,7 @@ def api_dependencies() -> list:
     if not getattr(shared.cmd_opts, "api_auth", None):
         return []
     from secrets import compare_digest
+
     from fastapi import Depends, HTTPException
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
     credentials = dict(item.split(":", 1) for item in shared.cmd_opts.api_auth.split(","))

@@ -5,5 +5,4 @@
     dw = lf.delta("lora_unet_down_blocks_0_attentions_0_proj_in")   # ΔW = up@down·α/r, float32
     target = lf.target(name)                 # checkpoint key (and row slice) that ΔW goes to
 """
-from .formats import (LoraFile, LoraModule, UnsupportedLoraError, delta, detect_family, open_lora,  # noqa: F401
-                      save_kohya)
+from .formats import LoraFile, LoraModule, UnsupportedLoraError, delta, detect_family, open_lora, save_kohya

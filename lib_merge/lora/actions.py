@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import InputError
+from ..core.errors import InputError
 from ..host import Host
 from .merge import LoraInput, parse_lora_arg
 
@@ -91,7 +91,7 @@ def lora_entries(host: Host, entries: Any) -> list[LoraInput]:
 def new_lora_path(host: Host, name: str, where: str, inputs: list[Path], overwrite: bool) -> Path:
     """A new LoRA's path: the plain file name `name` in the LoRA folder (where="lora") or the output folder
     (where="output"), checked against the inputs and existing files before any work."""
-    from ..models import check_output_path, safe_output_path
+    from ..core.files import check_output_path, safe_output_path
     if where not in WHERE:
         raise InputError(f"Write new LoRAs to 'lora' (the LoRA folder) or 'output' (the output folder), not {where!r}.")
     folder = Path(host.output_dir()) if where == "output" else lora_folder(host)
@@ -153,8 +153,8 @@ def check_lbw(lbw, checkpoint: Path):
     """Block weights checked against the checkpoint's architecture before any work (None: none)."""
     if lbw in (None, "") or (isinstance(lbw, str) and not lbw.strip()):
         return None
+    from ..core.files import checkpoint_layout
     from .lbw import parse_lbw
-    from ..models import checkpoint_layout
     parse_lbw(lbw.strip() if isinstance(lbw, str) else lbw, checkpoint_layout(checkpoint)[0])
     return lbw.strip() if isinstance(lbw, str) else lbw
 
@@ -175,7 +175,7 @@ def resize_lora(src: Path, out: Path, *, rank: int | None = None, rule: str | No
                 conv_rank: int | None = None, dtype="float16", overwrite: bool = False, progress=None,
                 cancel=None) -> str:
     """Resize to `rank`, or by the dynamic `rule` capped by `rank`. Returns the message for people."""
-    from ..models import dtype_from_name
+    from ..core.files import dtype_from_name
     from .resize import mean_retained, resize
     check_resize(rank, rule)
     r = resize(src, out, rank=rank if not rule else None, dynamic=rule, max_rank=rank if rule else None,
@@ -194,7 +194,7 @@ def check_extract(base: Path, tuned: Path) -> None:
 def extract_lora(base: Path, tuned: Path, out: Path, rank: int, *, conv_rank: int | None = None, dtype="float16",
                  overwrite: bool = False, progress=None, cancel=None) -> str:
     """A LoRA of tuned − base at `rank`. Returns the message for people."""
-    from ..models import dtype_from_name
+    from ..core.files import dtype_from_name
     from .extract import extract
     check_extract(base, tuned)
     r = extract(base, tuned, out, rank, conv_rank, dtype=dtype_from_name(dtype) if isinstance(dtype, str) else dtype,

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..arch import detect
-from ..errors import ArchitectureMismatchError, CancelledError, InputError
-from ..heap import mapped_temporaries
-from ..models import check_output_path, dtype_from_name, dtype_name, file_hashes, open_model
+from ..core.arch import detect
+from ..core.errors import ArchitectureMismatchError, CancelledError, InputError
+from ..core.files import check_output_path, dtype_from_name, dtype_name, file_hashes, open_model
+from ..core.heap import mapped_temporaries
 from . import keys as K
 from .formats import LoraFile
 from .lbw import module_weight, parse_lbw
@@ -104,7 +104,7 @@ def bake(checkpoint, loras, out=None, *, lbw=None, dtype: str | torch.dtype | No
     LoRA's name, sha256 (or its own recipe, for one in memory), strengths and block weights, the dtype,
     skipped modules).
     `progress(i, n, key)` is called per key; `cancel()` returning True stops with CancelledError (no file)."""
-    from ..engine import DictSink, FileSink, Sink
+    from ..engine.sinks import DictSink, FileSink, Sink
     inputs = [as_input(x) for x in loras]
     if not inputs:
         raise InputError("Give at least one LoRA to bake.")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..core.errors import InputError
+from ..core.heap import mapped_temporaries
 from . import keys as K
-from ..heap import mapped_temporaries
 from .merge import step
 from .svd import SvdError, factorize, key_seed, retained_fraction
 
@@ -89,12 +89,12 @@ def extract(base_path, tuned_path, out_path, rank: int, conv_rank: int | None = 
     """LoRA of `tuned − base` at `rank` (3x3 convs at `conv_rank`; without it the resnets are not extracted,
     as kohya), alpha = rank, written with save_kohya. Returns what was done, with per-module retained
     Frobenius fractions and messages (e.g. the text encoder skipped)."""
-    from ..arch import check_same_family, detect
-    from ..models import open_model
+    from ..core.arch import check_same_family, detect
+    from ..core.files import open_model
     from .formats import save_kohya
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise SvdError("The rank and conv rank must be at least 1.")
-    from ..models import check_output_path
+    from ..core.files import check_output_path
     out_path = check_output_path(Path(out_path), [Path(base_path), Path(tuned_path)], overwrite)   # before any work
     with open_model(base_path) as base, open_model(tuned_path) as tuned:
         shapes_b = {k: i.shape for k, i in base.tensors.items()}

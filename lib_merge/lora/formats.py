@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..errors import CorruptFileError, InputError, OutputError, UnsupportedModelError
+from ..core.errors import CorruptFileError, InputError, OutputError, UnsupportedModelError
 from . import keys as K
 
 KINDS = ("lora", "locon", "loha", "lokr")
@@ -233,7 +233,7 @@ def _split_kohya(key: str) -> tuple[str, str]:
 
 def open_lora(path) -> LoraFile:
     """Open a LoRA file (.safetensors, or a .pt/.ckpt through the safe loader) without reading its tensors."""
-    from ..models import open_model
+    from ..core.files import open_model
     mf = open_model(path)
     try:
         shapes = {k: tuple(i.shape) for k, i in mf.tensors.items()}
@@ -518,7 +518,7 @@ def save_kohya(modules: Mapping[str, "LoraModule | tuple"], path, metadata: Mapp
     (conv_dim / conv_alpha of 3x3 modules), ss_base_model_version, ss_v2, modelspec.*, sshs_model_hash and
     sshs_legacy_hash (see kohya_hashes). The file is written atomically and never over an existing one
     unless `overwrite`."""
-    from ..models import save_state_dict
+    from ..core.files import save_state_dict
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise OutputError(f"A LoRA is written as .safetensors, not '{path.name}'.")

@@ -10,7 +10,7 @@ Text encoders use Hugging Face CLIP naming (`text_model_encoder_layers_N_self_at
 For OpenCLIP encoders (SD2's, SDXL's second) the checkpoint fuses q/k/v into `attn.in_proj_weight`; the
 q/k/v modules map to its row slices [0,d), [d,2d), [2d,3d).
 
-Nothing is guessed from underscores: every name is derived from a key of keysets.checkpoint_keys(family)
+Nothing is guessed from underscores: every name is derived from a key of core.keysets.checkpoint_keys(family)
 (the A1111 approach of a map built from the model's own module names).
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ def module_map(family: str) -> dict[str, Target]:
 
     U-Net: every 2-D/4-D weight of `model.diffusion_model.` under both its LDM and diffusers names;
     text encoders: every Linear of the encoder layers (attention q/k/v/out, MLP fc1/fc2)."""
-    from ..keysets import checkpoint_keys
+    from ..core.keysets import checkpoint_keys
     out: dict[str, Target] = {}
     for spec in checkpoint_keys(family, with_optional=True):
         key, shape = spec.key, tuple(spec.shape)

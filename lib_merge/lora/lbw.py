@@ -19,8 +19,8 @@ A module's block: kohya name -> checkpoint key (keys.module_map) -> arch.block_o
 """
 from __future__ import annotations
 
-from ..arch import block_names, block_of
-from ..errors import InputError
+from ..core.arch import block_names, block_of
+from ..core.errors import InputError
 from . import keys as K
 
 LAYOUTS: dict[str, dict[int, list[str]]] = {

@@ -13,8 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..core.files import checkpoint_layout
 from ..host import Host, LoadedMerge
-from ..models import checkpoint_layout
 from .bake import BakeResult, bake
 
 

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArchitectureMismatchError, CancelledError, InputError
-from ..randomness import generator_for
+from ..core.errors import ArchitectureMismatchError, CancelledError, InputError
+from ..core.randomness import generator_for
 from .formats import LoraFile, LoraModule, open_lora, save_kohya
 
 MODES = ("add", "concat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -103,7 +103,7 @@ def step(progress, cancel, i: int, n: int, name: str, what: str) -> None:
 def recipe_metadata(inputs: list[LoraInput], family: str | None, tool: str = "lora merge", **fields) -> dict:
     """The metadata of a merged LoRA: our recipe as JSON under `merge_lab_recipe` (the tool, its settings, each
     input's name, sha256 (or, for one in memory, its own recipe) and weights) and `modelspec.merged_from`."""
-    from ..models import dtype_name, file_hashes
+    from ..core.files import dtype_name, file_hashes
     loras = []
     for i in inputs:
         item = {"name": i.name, "weight_unet": i.w_unet, "weight_te": i.w_te}
@@ -315,7 +315,7 @@ def merge(loras, out, *, mode: str = "concat", density: float = 1.0, seed: int =
 
     `loras`: LoraInput, (path, w) / (path, w_unet, w_te) or "FILE[:W[:W_TE]]" strings. Metadata: recipe_metadata
     (mode, density, seed, majority, dtype, each input's name, sha256 and weights; `modelspec.merged_from`)."""
-    from ..models import check_output_path, dtype_from_name
+    from ..core.files import check_output_path, dtype_from_name
     inputs = [as_input(x) for x in loras]
     if not inputs:
         raise InputError("Give at least one LoRA to merge.")

@@ -24,7 +24,7 @@ from .info import format_text, summary
 
 def module_block(lf: LoraFile, name: str) -> str:
     """The MBW block of a module (BASE, IN00.., M00, OUT..), or its part when it has no checkpoint key."""
-    from ..arch import block_of
+    from ..core.arch import block_of
     if lf.family:
         tgt = K.resolve(name, lf.family)
         if tgt is not None:
@@ -37,7 +37,7 @@ def module_block(lf: LoraFile, name: str) -> str:
 def block_norms(lf: LoraFile) -> list[tuple[str, float]]:
     """[(block, Frobenius norm of the block's ΔW)] in block order (blocks without modules left out), then
     any groups outside the blocks."""
-    from ..arch import block_names
+    from ..core.arch import block_names
     sq: dict[str, float] = {}
     for name in lf.modules:
         b = module_block(lf, name)
@@ -95,8 +95,8 @@ def report_text(info: dict) -> str:
 
 def report_png(info: dict, png):
     """Draw the block-norm bar chart and the spectra into a PNG (atomic write); returns its Path."""
-    from ..report import _figure, _save_figure
-    fig = _figure(11, 7.5)
+    from ..tools.report import figure, save_figure
+    fig = figure(11, 7.5)
     ax1, ax2 = fig.subplots(2, 1)
     blocks = info.get("block_norms") or []
     ax1.bar(range(len(blocks)), [v for _, v in blocks], color="#4c72b0")
@@ -112,21 +112,4 @@ def report_png(info: dict, png):
     ax2.set_title("singular values of ΔW, largest modules")
     if info.get("spectra"):
         ax2.legend(fontsize=7)
-    return _save_figure(fig, png)
-
-
-def cmd_lora_report(args) -> int:
-    info = describe(args.file, tags=args.tags, spectra=args.spectra)
-    print(report_text(info))
-    if args.png:
-        print(f"wrote {report_png(info, args.png)}")
-    return 0
-
-
-def add_report_command(lora_subparsers) -> None:
-    p = lora_subparsers.add_parser("report", help="LoRA report: ranks, tags, ΔW norm per block, spectra (PNG)")
-    p.add_argument("file")
-    p.add_argument("--png", default=None, help="also draw the plots into this .png")
-    p.add_argument("--tags", type=int, default=20, help="how many top tags to list (default 20)")
-    p.add_argument("--spectra", type=int, default=4, help="how many of the largest modules' spectra (default 4)")
-    p.set_defaults(func=cmd_lora_report)
+    return save_figure(fig, png)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..heap import mapped_temporaries
+from ..core.heap import mapped_temporaries
 from .merge import step
 from .svd import SvdError, max_rank as _max_rank, svd_top
 
@@ -84,7 +84,7 @@ def resize(lora_path, out, rank: int | None = None, dynamic: str | None = None, 
         if v is not None and v < 1:
             raise SvdError(f"The {what} must be at least 1 (got {v}).")
     rule = parse_dynamic(dynamic) if dynamic else None
-    from ..models import check_output_path
+    from ..core.files import check_output_path
     out = check_output_path(Path(out), [Path(lora_path)], overwrite)   # before any work
     result = None
     with open_lora(lora_path) as lf:

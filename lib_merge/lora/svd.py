@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from ..heap import mapped_temporaries
-from ..randomness import generator_for, key_seed
+from ..core.errors import InputError
+from ..core.heap import mapped_temporaries
+from ..core.randomness import generator_for, key_seed
 
 METHODS = ("auto", "full", "lowrank")
 MODES = ("add", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -192,7 +192,7 @@ def merge_svd(loras, out_path, *, mode: str = "add", density: float = 1.0, rank:
 
     `loras`: LoraInput, (path, w) / (path, w_unet, w_te) or "FILE[:W[:W_TE]]". LoRAs of different
     architectures are refused. The recipe goes into the metadata (`merge_lab_recipe`) as for `merge`."""
-    from ..models import check_output_path, dtype_from_name
+    from ..core.files import check_output_path, dtype_from_name
     from .formats import save_kohya
     from .merge import as_input, common_family, open_inputs, recipe_metadata
     inputs = [as_input(x) for x in loras]

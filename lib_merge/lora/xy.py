@@ -28,10 +28,22 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import CancelledError, InputError, MergeError
-from ..host import GenerationRequest, Host
-from ..xy import (MAX_VALUES, Cell, XYResult, _expand, _number, _sanitise, _split, _whole, check_can_plot,
-                  fmt_value, run_grid)
+from ..core.errors import CancelledError, InputError, MergeError
+from ..core.generation import GenerationRequest
+from ..host import Host
+from ..xy import (
+    MAX_VALUES,
+    Cell,
+    XYResult,
+    _expand,
+    _number,
+    _sanitise,
+    _split,
+    _whole,
+    check_can_plot,
+    fmt_value,
+    run_grid,
+)
 from . import keys as K
 from .lbw import parse_lbw
 from .merge import MODES, LoraInput, check_options, common_family, merge_modules, open_inputs
@@ -285,7 +297,7 @@ def run_lora_xy(host: Host, plot: LoraPlot, x: LoraAxis, y: LoraAxis | None, req
     """Merge each distinct cell's LoRAs once (in memory), bake them into the live model, generate its cells,
     and compose and save the labelled grid. `save_loras`: also write each cell's merged LoRA (kohya format,
     float16, its recipe in the metadata) beside the images, to keep the one you like."""
-    from ..models import checkpoint_layout
+    from ..core.files import checkpoint_layout
     from .live import bake_into_host
     started = time.monotonic()
     check_can_plot(host, x, y)

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import session
-from ..arch import COMPONENTS, TEXT_ENCODER, UNET, VAE, Architecture, block_names, check_same_family
-from ..errors import InputError, MergeError
-from ..methods import METHODS, MAX_MODELS, MethodSpec, Param, get_method
-from ..recipe import METADATA_KEY, ModelRef, Recipe
-from ..weights import format_blocks, parse_blocks
+from ..core.arch import COMPONENTS, TEXT_ENCODER, UNET, VAE, Architecture, block_names, check_same_family
+from ..core.errors import InputError, MergeError
+from ..core.generation import GenerationRequest
+from ..core.weights import format_blocks, parse_blocks
+from ..engine.recipe import METADATA_KEY, ModelRef, Recipe
+from ..methods import MAX_MODELS, METHODS, MethodSpec, Param, get_method
 
 # ------------------------------------------------------------------------------------------ field names
 SLOTS = ("model_a", "model_b", "model_c")   # the fixed slots; many-model methods add "models_more"
@@ -121,8 +122,8 @@ class ArchCache:
         return arch
 
     def _lookup(self, path: Path) -> tuple[Architecture | None, str | None]:
-        from ..arch import detect
-        from ..models import open_model
+        from ..core.arch import detect
+        from ..core.files import open_model
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         with self._lock:
@@ -253,7 +254,7 @@ def read_options(host, spec: MethodSpec, v: dict) -> dict[str, Any]:
         path = resolve_aux_file(host, v["mask"], "Mask")
         options["mask"] = ModelRef(name=path.name, path=str(path))
     if (v.get("weights") or "").strip():
-        from ..weights import WeightSet
+        from ..core.weights import WeightSet
         if not spec.blockwise_params:
             raise InputError(f"{spec.label} has no per-block parameter that per-key weights could set: "
                              f"clear 'Per-key weights'.")
@@ -343,7 +344,7 @@ def save_recipe_weights(host, recipe: Recipe) -> str:
     """A pasted recipe's per-key weights, written to the output folder so the weights field can name them."""
     if not recipe.layer_weights:
         return ""
-    from ..weights import WeightSet
+    from ..core.weights import WeightSet
     ws = WeightSet(recipe.layer_weights["values"], recipe.arch)
     digest = hashlib.sha256(ws.to_json().encode()).hexdigest()[:10]
     return str(ws.save(host.output_dir() / f"recipe_weights_{digest}.json"))
@@ -416,8 +417,8 @@ def block_figure(family: str, curves: list[tuple[str, list[float]]]):
 def aux_files(host) -> tuple[list[str], list[str]]:
     """Names of the mask files (.safetensors holding a Merge Lab mask) and weight sets (.json) in the
     output folder, where the tab's builders save them. Only headers are read."""
-    from ..masks import MASK_FORMAT
-    from ..models import SafetensorsFile
+    from ..core.files import SafetensorsFile
+    from ..core.masks import MASK_FORMAT
     folder = Path(host.output_dir())
     masks, weights = [], []
     for p in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
@@ -436,3 +437,18 @@ def aux_files(host) -> tuple[list[str], list[str]]:
             finally:
                 f.close()
     return masks, weights
+
+
+GENERATION_FIELDS = ("prompt", "negative", "gen_seed", "steps", "cfg", "width", "height", "sampler")
+
+
+def preview_request(v: dict) -> GenerationRequest:
+    """The preview settings of the form, for the XY plot (a seed of -1 becomes one seed for the whole grid)."""
+    try:
+        return GenerationRequest(prompt=v.get("prompt") or "", negative_prompt=v.get("negative") or "",
+                                 seed=int(v.get("gen_seed") if v.get("gen_seed") is not None else -1),
+                                 steps=int(v.get("steps") or 20), cfg_scale=float(v.get("cfg") or 7),
+                                 width=int(v.get("width") or 512), height=int(v.get("height") or 512),
+                                 sampler=v.get("sampler") or "Euler a")
+    except (TypeError, ValueError):
+        raise InputError("The preview settings (seed, steps, CFG, size) must be numbers.") from None

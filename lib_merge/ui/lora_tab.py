@@ -2,7 +2,7 @@
 
 Built inside the tab's Blocks (an accordion at its end) by `LoraTools(host)`. The widgets follow the tab's
 conventions: field names (all starting `lora_`), handlers that take {name: value} and return
-{name: gr.update(...)}, long work in a thread (tab._background) with the section's own status line, and
+{name: gr.update(...)}, long work in a thread (jobs.background) with the section's own status line, and
 errors as sentences (MergeError), never a stack trace.
 
 LoRA names, output files and the jobs' locking are lora/actions.py's (shared with the HTTP API): names are
@@ -19,13 +19,22 @@ from typing import Callable, Iterator
 
 import gradio as gr
 
-from ..errors import InputError, MergeError
+from ..core.errors import InputError, MergeError
 from ..host import Host
-from ..lora.actions import (FAMILY_LABEL, baked_name, check_live, extracted_name, job, lora_path, new_lora_path,
-                            parse_lora_lines, resized_name)
-from ..lora.xy import ALL_MODES as MODES, SVD_MODES   # the factor modes, then svd_<mode>
+from ..lora.actions import (
+    FAMILY_LABEL,
+    baked_name,
+    check_live,
+    extracted_name,
+    job,
+    lora_path,
+    new_lora_path,
+    parse_lora_lines,
+    resized_name,
+)
+from ..lora.xy import ALL_MODES as MODES, SVD_MODES  # the factor modes, then svd_<mode>
+from .jobs import ELEM, background, busy_html, failure_html, status_html, unexpected_error
 from .section import Section
-from .tab import ELEM, _background, _unexpected, busy_html, failure_html, status_html
 
 log = logging.getLogger("merge_lab.ui")
 
@@ -301,7 +310,7 @@ class LoraTools(Section):
         except MergeError as e:
             return {"lora_info": gr.update(value=f"⚠ {e}")}
         except Exception as e:  # noqa: BLE001
-            return {"lora_info": gr.update(value=f"⚠ {_unexpected(e)}")}
+            return {"lora_info": gr.update(value=f"⚠ {unexpected_error(e)}")}
         return {"lora_info": gr.update(value=info_markdown(info))}
 
     @staticmethod
@@ -344,11 +353,11 @@ class LoraTools(Section):
         return new_lora_path(self.host, name, where, inputs, bool(v.get("lora_overwrite")))
 
     def _check_out(self, v: dict, path: Path, inputs: list[Path]) -> Path:
-        from ..models import check_output_path
+        from ..core.files import check_output_path
         return check_output_path(path, inputs, bool(v.get("lora_overwrite")))
 
     def _dtype(self, v: dict):
-        from ..models import dtype_from_name
+        from ..core.files import dtype_from_name
         return dtype_from_name(v.get("lora_dtype") or "float16")
 
     def _job(self, status: str, title: str, prepare: Callable[[], Callable[[], str]],
@@ -367,7 +376,7 @@ class LoraTools(Section):
             with job(self.host, title):
                 return work()
 
-        for done, result in _background(exclusive_work):
+        for done, result in background(exclusive_work):
             if not done:
                 fraction, detail = (step or [None, ""])[:2]
                 yield {status: busy_html(title, time.monotonic() - started, fraction, detail)}
@@ -460,8 +469,8 @@ class LoraTools(Section):
 
     def on_bake(self, v: dict) -> Iterator[dict]:
         def prepare():
+            from ..core.files import safe_output_path
             from ..lora.bake import bake
-            from ..models import safe_output_path
             ckpt, items, lbw = self._bake_inputs(v, "lora_bake_ckpt", "lora_bake_list", "lora_bake_lbw")
             out_name = (v.get("lora_bake_out") or "").strip() or baked_name(ckpt, items)
             out = self._check_out(v, safe_output_path(self.host.output_dir(), out_name),
@@ -499,8 +508,7 @@ class LoraTools(Section):
         """Build the plot (checkpoint, LoRAs, merge settings) and the axes, then run it in a thread, streaming
         its progress into the plot's status line."""
         from ..lora import xy as lxy
-        from .form import slot_value
-        from .tab import _xy_request
+        from .form import preview_request, slot_value
         try:
             if not self.host.can_generate:
                 raise MergeError("The LoRA XY plot needs previews, and this host cannot generate them.")
@@ -513,7 +521,7 @@ class LoraTools(Section):
             x = lxy.LoraAxis(v.get("lora_xy_x_kind") or "", v.get("lora_xy_x_values") or "")
             y_kind = slot_value(v.get("lora_xy_y_kind"))
             y = lxy.LoraAxis(y_kind, v.get("lora_xy_y_values") or "") if y_kind else None
-            request = _xy_request(v)
+            request = preview_request(v)
         except Exception as e:  # noqa: BLE001 - failure_html tells a user's error from a bug
             yield {"lora_xy_status": failure_html(e)}
             return
@@ -527,7 +535,7 @@ class LoraTools(Section):
             return lxy.run_lora_xy(self.host, plot, x, y, request, save_loras=bool(v.get("lora_xy_save")),
                                    progress=progress, cancel=self._xy_stop.is_set)
         started = time.monotonic()
-        for done, result in _background(work):
+        for done, result in background(work):
             if not done:
                 detail = self.host.last_progress[1]   # the step of the image, or the module being merged
                 yield {"lora_xy_status": busy_html(f"LoRA XY plot: {step[1]}", time.monotonic() - started, step[0],

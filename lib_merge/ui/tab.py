@@ -15,7 +15,6 @@ gradio 4 port changes little.
 """
 from __future__ import annotations
 
-import html
 import logging
 import threading
 import time
@@ -25,78 +24,18 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from .. import session
-from ..errors import InputError, MergeError
-from ..host import GenerationRequest, Host
+from ..core.errors import InputError, MergeError
+from ..core.generation import GenerationRequest
+from ..core.weights import PRESETS, format_blocks, preset
+from ..host import Host
 from ..methods import METHODS, Choice, MethodSpec, Param
-from ..weights import PRESETS, format_blocks, preset
 from . import form as F
+from .jobs import ELEM, background, busy_html, error_html, failure_html, status_html, unexpected_error
 from .section import Section
 
 log = logging.getLogger("merge_lab.ui")
 
-ELEM = "merge_lab_"           # prefix of every elem_id (the browser test and javascript/ find widgets by it)
-POLL_SECONDS = 0.25           # how often a running job's status line is refreshed
 PRESET_CHOICES = list(PRESETS)
-
-
-# ------------------------------------------------------------------------------------------ status
-def status_html(kind: str, message: str, warnings: list[str] | tuple = (), fraction: float | None = None,
-                detail: str = "") -> str:
-    """The status line: kind is ok | error | busy | info; a progress bar, warnings and a detail line."""
-    color = {"error": "var(--error-text-color, #c00)", "ok": "var(--color-green-600, #15803d)"}.get(kind, "inherit")
-    body = html.escape(message)
-    if fraction is not None:
-        body += f' <progress max="1" value="{max(0.0, min(1.0, fraction)):.3f}" style="width: 10em"></progress>'
-    if detail:
-        body += (f'<div style="font-weight: 400; font-size: smaller; overflow-wrap: anywhere">'
-                 f'{html.escape(detail)}</div>')
-    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
-    extra = f'<ul class="merge-lab-warnings">{items}</ul>' if items else ""
-    return (f'<div class="merge-lab-status merge-lab-{kind}" style="color: {color}; font-weight: 600">'
-            f'{body}{extra}</div>')
-
-
-def busy_html(title: str, seconds: float, fraction: float | None = None, detail: str = "") -> str:
-    """The status line of a running job: title, share done, time, and what it works on (a tensor name)."""
-    done = f" {fraction * 100:.0f}%" if fraction is not None else ""
-    return status_html("busy", f"{title}…{done} ({seconds:.0f} s)", fraction=fraction,
-                       detail=detail.split(": ", 1)[-1])  # session reports "Merging: <key>"
-
-
-def error_html(e: BaseException) -> str:
-    return status_html("error", str(e))
-
-
-def failure_html(e: BaseException) -> str:
-    """The status line for a failed action: a MergeError's message for people, anything else as a bug."""
-    return error_html(e) if isinstance(e, MergeError) else status_html("error", _unexpected(e))
-
-
-def _unexpected(e: BaseException) -> str:
-    log.exception("Merge Lab: unexpected error")
-    return (f"Unexpected error: {type(e).__name__}: {e}. This is a bug in Merge Lab; the console has the "
-            f"details. Nothing was changed.")
-
-
-def _background(fn: Callable[[], Any]) -> Iterator[tuple[bool, Any]]:
-    """Run fn in a thread; yield (False, None) while it runs, then (True, result); a MergeError or any
-    other exception comes back as (True, exception)."""
-    box: dict[str, Any] = {}
-
-    def target():
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller, which shows it
-            box["result"] = e
-
-    t = threading.Thread(target=target, name="merge-lab-job", daemon=True)
-    t.start()
-    while True:
-        t.join(POLL_SECONDS)
-        if not t.is_alive():
-            break
-        yield False, None
-    yield True, box.get("result")
 
 
 def _combine(*updates: dict) -> dict:
@@ -165,8 +104,8 @@ class MergeTab(Section):
                     self._build_actions()
                     self._build_recipe()
             with gr.Accordion("LoRA tools", open=False, elem_id=f"{ELEM}lora_tools"):
-                from .lora_tab import LoraTools   # its own widgets, handlers and status lines (lora_tab.py)
-                generation = {n: self.c[n] for n in GENERATION_FIELDS}   # its XY plot uses the preview settings
+                from .lora_tab import LoraTools  # its own widgets, handlers and status lines (lora_tab.py)
+                generation = {n: self.c[n] for n in F.GENERATION_FIELDS}   # its XY plot uses the preview settings
                 self.lora_tools = LoraTools(self.host, generation)
             self._wire()
         return blocks
@@ -645,7 +584,7 @@ class MergeTab(Section):
             return
         device = v.get("device") or "cpu"
         started = time.monotonic()
-        for done, result in _background(lambda: action(self.host, recipe, device=device)):
+        for done, result in background(lambda: action(self.host, recipe, device=device)):
             if not done:
                 fraction, text = self.host.last_progress
                 yield {"status": busy_html(title, time.monotonic() - started, fraction, text)}
@@ -653,7 +592,7 @@ class MergeTab(Section):
             if isinstance(result, MergeError):
                 result = session.MergeSummary(False, str(result))
             elif isinstance(result, BaseException):
-                result = session.MergeSummary(False, _unexpected(result))
+                result = session.MergeSummary(False, unexpected_error(result))
             yield self._summary_updates(result)
 
     def _summary_updates(self, s: session.MergeSummary) -> dict:
@@ -683,7 +622,7 @@ class MergeTab(Section):
                                      cfg_scale=float(v.get("cfg") or 7), width=int(v.get("width") or 512),
                                      height=int(v.get("height") or 512), sampler=v.get("sampler") or "Euler a")
         started = time.monotonic()
-        for done, result in _background(lambda: session.generate(self.host, request())):
+        for done, result in background(lambda: session.generate(self.host, request())):
             if not done:
                 yield {"status": busy_html("Generating", time.monotonic() - started)}
             elif isinstance(result, BaseException):
@@ -724,7 +663,7 @@ class MergeTab(Section):
             x = xy.Axis(v.get("xy_x_kind") or "", v.get("xy_x_values") or "")
             y_kind = F.slot_value(v.get("xy_y_kind"))
             y = xy.Axis(y_kind, v.get("xy_y_values") or "") if y_kind else None
-            request = _xy_request(v)
+            request = F.preview_request(v)
         except Exception as e:  # noqa: BLE001 - failure_html tells a user's error from a bug
             yield {"xy_status": failure_html(e)}
             return
@@ -740,7 +679,7 @@ class MergeTab(Section):
             return xy.run_xy(self.host, recipe, x, y, request, save_models=save_models, progress=progress,
                              cancel=self._xy_stop.is_set, device=device)
         started = time.monotonic()
-        for done, result in _background(work):
+        for done, result in background(work):
             if not done:
                 detail = self.host.last_progress[1]
                 yield {"xy_status": busy_html(f"XY plot: {step[1]}", time.monotonic() - started, step[0],
@@ -787,7 +726,7 @@ class MergeTab(Section):
 
     # ---- handlers: masks and weight sets
     def _model_a(self, v: dict):
-        from ..models import open_model
+        from ..core.files import open_model
         name = F.slot_value(v.get("model_a"))
         if not name:
             raise InputError("Choose model A first: masks and weight sets take its tensor shapes.")
@@ -795,15 +734,15 @@ class MergeTab(Section):
         return open_model(path), self.archs.arch(path).family
 
     def _new_output(self, name: str, suffix: str) -> Path:
-        from ..errors import OutputError
-        from ..models import safe_output_path
+        from ..core.errors import OutputError
+        from ..core.files import safe_output_path
         path = safe_output_path(self.host.output_dir(), name, suffix=suffix)
         if path.exists():
             raise OutputError(f"'{path.name}' already exists in the output folder: choose another name.")
         return path
 
     def on_make_mask(self, v: dict) -> Iterator[dict]:
-        from .. import masks
+        from ..core import masks
 
         def work():
             mode = v.get("mask_mode") or "random"
@@ -819,7 +758,7 @@ class MergeTab(Section):
         yield from self._make("Making the mask", work, "mask")
 
     def on_make_weights(self, v: dict) -> Iterator[dict]:
-        from .. import weights
+        from ..core import weights
 
         def work():
             name = (v.get("weights_name") or "").strip() or "weights"
@@ -839,7 +778,7 @@ class MergeTab(Section):
         yield from self._make("Making the weight set", work, "weights")
 
     def _make(self, title: str, work: Callable[[], Path], field: str) -> Iterator[dict]:
-        for done, result in _background(work):
+        for done, result in background(work):
             if not done:
                 yield {"status": status_html("busy", f"{title}…")}
             elif isinstance(result, BaseException):
@@ -849,21 +788,6 @@ class MergeTab(Section):
                 choices = masks if field == "mask" else weight_sets
                 yield {field: gr.update(choices=[""] + choices, value=result.name),
                        "status": status_html("ok", f"Wrote {result} and chose it in the Advanced options.")}
-
-
-GENERATION_FIELDS = ("prompt", "negative", "gen_seed", "steps", "cfg", "width", "height", "sampler")
-
-
-def _xy_request(v: dict) -> GenerationRequest:
-    """The preview settings of the form, for the XY plot (a seed of -1 becomes one seed for the whole grid)."""
-    try:
-        return GenerationRequest(prompt=v.get("prompt") or "", negative_prompt=v.get("negative") or "",
-                                 seed=int(v.get("gen_seed") if v.get("gen_seed") is not None else -1),
-                                 steps=int(v.get("steps") or 20), cfg_scale=float(v.get("cfg") or 7),
-                                 width=int(v.get("width") or 512), height=int(v.get("height") or 512),
-                                 sampler=v.get("sampler") or "Euler a")
-    except (TypeError, ValueError):
-        raise InputError("The preview settings (seed, steps, CFG, size) must be numbers.") from None
 
 
 def _pairs(text: str) -> dict[str, float]:

@@ -17,12 +17,12 @@ from typing import Callable
 
 import torch
 
-from .arch import TEXT_ENCODER, UNET, component_of
-from .errors import InputError
-from .masks import Mask
-from .randomness import generator_for
-from .models import ModelFile, SafetensorsWriter, check_output_path, open_model
-from .weights import match_keys, mergeable_shapes
+from ..core.arch import TEXT_ENCODER, UNET, component_of
+from ..core.errors import InputError
+from ..core.files import ModelFile, SafetensorsWriter, check_output_path, open_model
+from ..core.masks import Mask
+from ..core.randomness import generator_for
+from ..core.weights import match_keys, mergeable_shapes
 
 NORMALIZE_MODES = ("attn_only", "all", "none")
 NOISE_KINDS = ("uniform", "gaussian")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .keysets import make_runnable_state_dict
-from .models import save_state_dict
+from ..core.files import save_state_dict
+from .tiny import make_runnable_state_dict
 
 DEMO_NAMES = ("demo_sd15_a.safetensors", "demo_sd15_b.safetensors")
 
@@ -22,20 +22,3 @@ def make_demo_models(folder: Path, family: str = "sd1") -> list[Path]:
             if not p.exists():
                 save_state_dict(sd, p, {"merge_lab_demo": "tiny random model for trying Merge Lab"})
     return paths
-
-
-def run_demo(folder: Path, progress=None) -> int:
-    from .engine import FileSink, merge
-    from .info import format_info, model_info
-    from .recipe import ModelRef, Recipe
-    from .weights import preset
-
-    a, b = make_demo_models(folder)
-    out = folder / "demo_merged.safetensors"
-    recipe = Recipe("weighted_sum", [ModelRef(a.name, str(a)), ModelRef(b.name, str(b))], params={"alpha": 0.5},
-                    blocks={"alpha": preset("GRAD_V", "sd1")})
-    result = merge(recipe, FileSink(out, overwrite=True), progress=progress)
-    print(f"Demo: merged {a.name} and {b.name} with weighted_sum, block weights GRAD_V -> {out}"
-          f" ({result.seconds:.2f} s)\n")
-    print(format_info(model_info(str(out))))
-    return 0

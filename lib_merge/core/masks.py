@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, OutputError
-from .models import open_model, save_state_dict
+from .files import open_model, save_state_dict
 from .randomness import generator_for
 from .weights import match_keys, mergeable_shapes
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .arch import block_names, block_of, component_of, detect
-from .errors import InputError, MergeError, OutputError
-from .masks import Mask
-from .models import write_file_atomic
-from .weights import WeightSet
+from ..core.arch import block_names, block_of, component_of, detect
+from ..core.errors import InputError, MergeError, OutputError
+from ..core.files import write_file_atomic
+from ..core.masks import Mask
+from ..core.weights import WeightSet
 
 LAYER_SCALINGS = ("none", "abs", "log")
 
@@ -55,14 +55,14 @@ def _png_path(png) -> Path:
     return path
 
 
-def _save_figure(fig, png) -> Path:
+def save_figure(fig, png) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return write_file_atomic(_png_path(png), buf.getvalue())
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # lazy: importing lib_merge.report must stay cheap
+def figure(width: float, height: float):
+    from matplotlib.figure import Figure  # lazy: importing lib_merge.tools.report must stay cheap
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -93,14 +93,14 @@ def mask_report(mask: Mask, family: str | None = None, details: bool = False) ->
 def mask_report_png(mask: Mask, png, family: str | None = None) -> Path:
     """A bar chart of the share of True per block."""
     stats = mask_block_stats(mask, family)
-    fig = _figure(max(6.0, 0.35 * len(stats)), 4.0)
+    fig = figure(max(6.0, 0.35 * len(stats)), 4.0)
     ax = fig.add_subplot()
     ax.bar([s[0] for s in stats], [100.0 * s[1] / s[2] if s[2] else 0.0 for s in stats], color="tab:blue")
     ax.set_ylim(0, 100)
     ax.set_ylabel("elements that may change (%)")
     ax.set_title(f"mask: {len(mask)} keys")
     ax.tick_params(axis="x", labelrotation=90)
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 # ----------------------------------------------------------------------------------- weight sets
@@ -138,7 +138,7 @@ def weights_report_png(ws: WeightSet, png, family: str | None = None) -> Path:
         raise InputError("The weight set is empty: there is nothing to plot.")
     family = _family(ws.keys(), family or ws.arch)
     groups = _groups(ws.keys(), family)
-    fig = _figure(max(8.0, 0.35 * len(groups)), 4.0)
+    fig = figure(max(8.0, 0.35 * len(groups)), 4.0)
     ax = fig.add_subplot()
     x0, ticks = 0, []
     for name, keys in groups.items():
@@ -149,7 +149,7 @@ def weights_report_png(ws: WeightSet, png, family: str | None = None) -> Path:
     ax.set_xticks([t[0] for t in ticks], [t[1] for t in ticks], rotation=90)
     ax.set_ylabel("value")
     ax.set_title(f"weight set{f' ({ws.arch})' if ws.arch else ''}: {len(ws)} keys")
-    return _save_figure(fig, png)
+    return save_figure(fig, png)
 
 
 # ----------------------------------------------------------------------------------- one layer
@@ -189,7 +189,7 @@ def layer_image(t: torch.Tensor, scaling: str = "none", max_side: int = 1024) ->
 def layer_report(model, key: str, png=None, scaling: str = "none") -> str:
     """Statistics of one tensor as text; with `png`, also a heat map with a colour bar.
     `model` is an open ModelFile or a path."""
-    from .models import ModelFile, open_model
+    from ..core.files import ModelFile, open_model
     m = model if isinstance(model, ModelFile) else open_model(model)
     try:
         if key not in m.tensors:
@@ -210,12 +210,12 @@ def layer_report(model, key: str, png=None, scaling: str = "none") -> str:
         if not t.is_floating_point() or not t.numel():
             raise InputError(f"'{key}' is not a float tensor with values: there is nothing to draw.")
         img, (rows, cols) = layer_image(t, scaling)
-        fig = _figure(7.0, 6.0)
+        fig = figure(7.0, 6.0)
         ax = fig.add_subplot()
         # extent in the tensor's own row/column numbers, also when the image was averaged down
         shown = ax.matshow(img.numpy(), aspect="auto", cmap="viridis", extent=(-0.5, cols - 0.5, rows - 0.5, -0.5))
         fig.colorbar(shown, ax=ax, label={"none": "value", "abs": "|value|", "log": "log10 |value|"}[scaling])
         pooled = f", averaged to {list(img.shape)}" if tuple(img.shape) != (rows, cols) else ""
         ax.set_title(f"{key}\n{list(t.shape)} drawn as [{rows}, {cols}]{pooled}", fontsize=8)
-        _save_figure(fig, png)
+        save_figure(fig, png)
     return info

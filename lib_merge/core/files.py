@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import (CorruptFileError, DiskFullError, InputError, OutputError, UnsafeFileError,
-                     UnsupportedModelError)
+from .errors import CorruptFileError, DiskFullError, InputError, OutputError, UnsafeFileError, UnsupportedModelError
 
 # safetensors dtype codes <-> torch dtypes
 ST_DTYPES: dict[str, torch.dtype] = {

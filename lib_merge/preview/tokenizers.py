@@ -31,7 +31,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .errors import MergeError
+from ..core.errors import MergeError
 
 KINDS = ("clip_l", "open_clip")
 PAD_TOKEN = {"clip_l": "<|endoftext|>", "open_clip": "!"}

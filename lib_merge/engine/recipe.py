@@ -11,8 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .arch import COMPONENTS, TEXT_ENCODER, UNET
-from .errors import InputError
+from ..core.arch import COMPONENTS, TEXT_ENCODER, UNET
+from ..core.errors import InputError
 
 RECIPE_FORMAT = "merge-lab-recipe"
 RECIPE_VERSION = 1
@@ -53,7 +53,7 @@ class Recipe:
     arch: str | None = None          # filled in when the inputs are opened
 
     def validate(self) -> None:
-        from .methods import get_method
+        from ..methods.spec import get_method
         spec = get_method(self.method)
         spec.check_models(len(self.models), self.base is not None)
         self.params = spec.resolve_params(self.params)

@@ -27,7 +27,7 @@ import torch
 
 from .arch import TEXT_ENCODER, UNET, UNET_PREFIX, block_names, block_of, component_of
 from .errors import InputError, OutputError
-from .models import write_file_atomic
+from .files import write_file_atomic
 
 
 def _unet_positions(family: str) -> list[float]:

@@ -1,5 +1,5 @@
-"""`python -m lib_merge lora ...`: LoRA subcommands: `info`, `merge`, `bake` (and `extract`, `resize`,
-`merge-svd` from cli_svd.py).
+"""`python -m lib_merge lora ...`: LoRA subcommands: `info`, `merge`, `bake`, `report` (and `extract`, `resize`,
+`merge-svd` from lora_svd.py).
 
 `add_lora_commands(subparsers)` adds `lora` to the main CLI's argparse subparsers; user errors are
 MergeError subclasses (the main CLI prints "error: ..." and exits 2).
@@ -10,7 +10,7 @@ import json
 
 
 def cmd_lora_info(args) -> int:
-    from .info import describe, format_text
+    from ..lora.info import describe, format_text
     info = describe(args.file, tags=args.tags)
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
@@ -21,12 +21,12 @@ def cmd_lora_info(args) -> int:
 
 def cmd_lora_merge(args) -> int:
     if args.rank is not None:   # the SVD merge: full deltas, combined, factorised to the rank
-        from .cli_svd import cmd_merge_svd
+        from .lora_svd import cmd_merge_svd
         return cmd_merge_svd(args)
     if args.conv_rank is not None:
-        from ..errors import InputError
+        from ..core.errors import InputError
         raise InputError("--conv-rank needs --rank (it is the SVD merge's rank of 3x3 convs).")
-    from .merge import merge, parse_lora_arg
+    from ..lora.merge import merge, parse_lora_arg
     path = merge([parse_lora_arg(x) for x in args.lora], args.output, mode=args.mode, density=args.density,
                  seed=args.seed, majority=args.majority, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {path}")
@@ -34,8 +34,8 @@ def cmd_lora_merge(args) -> int:
 
 
 def cmd_lora_bake(args) -> int:
-    from .bake import bake
-    from .merge import parse_lora_arg
+    from ..lora.bake import bake
+    from ..lora.merge import parse_lora_arg
     res = bake(args.model, [parse_lora_arg(x) for x in args.lora], args.output, lbw=args.lbw,
                dtype=None if args.dtype == "keep" else args.dtype, overwrite=args.overwrite)
     for w in res.warnings:
@@ -47,6 +47,24 @@ def cmd_lora_bake(args) -> int:
 _LORA_ARG = ("FILE[:WEIGHT] or FILE:W_UNET:W_TE; repeat for each LoRA (weight 1 when left out)")
 
 
+def cmd_lora_report(args) -> int:
+    from ..lora.report import describe, report_png, report_text
+    info = describe(args.file, tags=args.tags, spectra=args.spectra)
+    print(report_text(info))
+    if args.png:
+        print(f"wrote {report_png(info, args.png)}")
+    return 0
+
+
+def add_report_command(lora_subparsers) -> None:
+    p = lora_subparsers.add_parser("report", help="LoRA report: ranks, tags, ΔW norm per block, spectra (PNG)")
+    p.add_argument("file")
+    p.add_argument("--png", default=None, help="also draw the plots into this .png")
+    p.add_argument("--tags", type=int, default=20, help="how many top tags to list (default 20)")
+    p.add_argument("--spectra", type=int, default=4, help="how many of the largest modules' spectra (default 4)")
+    p.set_defaults(func=cmd_lora_report)
+
+
 def add_lora_commands(subparsers) -> None:
     lo = subparsers.add_parser("lora", help="LoRA files: info, merge, bake, extract, resize, merge-svd")
     sub = lo.add_subparsers(dest="lora_command", required=True)
@@ -56,7 +74,7 @@ def add_lora_commands(subparsers) -> None:
     i.add_argument("--tags", type=int, default=20, help="how many top tags to list (default 20)")
     i.set_defaults(func=cmd_lora_info)
 
-    from .merge import MAJORITY, MODES
+    from ..lora.merge import MAJORITY, MODES
     m = sub.add_parser("merge", help="merge LoRAs into one on their up/down factors (concat is exact)")
     m.add_argument("--mode", choices=MODES, default="concat",
                    help="concat (exact, ranks add up; default), add (PEFT linear: sums factors, cross terms), "
@@ -88,16 +106,6 @@ def add_lora_commands(subparsers) -> None:
     b.add_argument("-o", "--output", required=True, help="output .safetensors")
     b.set_defaults(func=cmd_lora_bake)
 
-    from .cli_svd import add_svd_commands
-    add_svd_commands(sub)  # extract, resize, merge-svd (cli_svd.py)
-    from .report import add_report_command; add_report_command(sub)  # report (report.py)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..cli import main as cli_main
-    return cli_main(["lora", *(argv or [])])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-    raise SystemExit(main(sys.argv[1:]))
+    from .lora_svd import add_svd_commands
+    add_svd_commands(sub)  # extract, resize, merge-svd (lora_svd.py)
+    add_report_command(sub)

@@ -2,8 +2,7 @@
 
 `add_tool_commands(subparsers)` adds `mask`, `weights`, `normalize`, `noise` and `report` to the main
 CLI's argparse subparsers; each sets `func(args) -> exit code` and raises MergeError subclasses for user
-errors (the main CLI prints "error: ..." and exits 2). `python -m lib_merge.cli_tools ...` runs them on
-their own. Outputs are never written over an input, nor over an existing file without --overwrite.
+errors (the main CLI prints "error: ..." and exits 2). Outputs are never written over an input, nor over an existing file without --overwrite.
 """
 from __future__ import annotations
 
@@ -11,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import InputError
-from .models import check_output_path
+from ..core.errors import InputError
+from ..core.files import check_output_path
 
 DTYPES = ("float16", "bfloat16", "float32")
 
@@ -31,12 +30,12 @@ def _notes(notes: list[str], limit: int = 10) -> None:
 
 
 def _family(model) -> str:
-    from .arch import detect
+    from ..core.arch import detect
     return detect({k: i.shape for k, i in model.tensors.items()}, model.name).family
 
 
 def _dtype(name: str | None):
-    from .models import dtype_from_name
+    from ..core.files import dtype_from_name
     return dtype_from_name(name) if name else None
 
 
@@ -78,8 +77,8 @@ def _out_args(p: argparse.ArgumentParser, suffix: str, many: bool = False) -> No
 # ------------------------------------------------------------------------------------ mask
 
 def cmd_mask_simple(args) -> int:
-    from .masks import simple
-    from .models import open_model
+    from ..core.files import open_model
+    from ..core.masks import simple
     with open_model(args.model) as m:
         mask = simple(m, args.mode, probability=args.probability, mean=args.mean, std=args.std,
                       threshold=args.threshold, seed=args.seed, family=_family(m))
@@ -88,8 +87,8 @@ def cmd_mask_simple(args) -> int:
 
 
 def cmd_mask_magnitude(args) -> int:
-    from .masks import magnitude
-    from .models import open_model
+    from ..core.files import open_model
+    from ..core.masks import magnitude
     with open_model(args.model) as m, open_model(args.base) as base:
         mask = magnitude(m, base, select=args.select, threshold=args.threshold,
                          threshold_type=args.threshold_type, layers=args.layers, family=_family(m))
@@ -109,8 +108,8 @@ def quad_outputs(outputs: list[str]) -> list[str]:
 
 
 def cmd_mask_quad(args) -> int:
-    from .masks import quad
-    from .models import open_model
+    from ..core.files import open_model
+    from ..core.masks import quad
     outs = quad_outputs(args.output)
     checked = [_check_out(o, ".safetensors", [args.model], args.overwrite) for o in outs]
     with open_model(args.model) as m:
@@ -122,14 +121,14 @@ def cmd_mask_quad(args) -> int:
 
 
 def cmd_mask_op(args) -> int:
-    from .masks import Mask, combine
+    from ..core.masks import Mask, combine
     mask = combine(Mask.load(args.mask_a), Mask.load(args.mask_b), args.op)
     _save_mask(mask, args.output, [args.mask_a, args.mask_b], args.overwrite)
     return 0
 
 
 def cmd_mask_edit(args) -> int:
-    from .masks import Mask, edit
+    from ..core.masks import Mask, edit
     mask = edit(Mask.load(args.mask), args.layers, args.op, probability=args.probability, mean=args.mean,
                 std=args.std, threshold=args.threshold, seed=args.seed)
     _save_mask(mask, args.output, [args.mask], args.overwrite)
@@ -137,7 +136,7 @@ def cmd_mask_edit(args) -> int:
 
 
 def _add_mask(sub) -> None:
-    from .masks import SET_OPS, SIMPLE_MODES
+    from ..core.masks import SET_OPS, SIMPLE_MODES
     p = sub.add_parser("mask", help="make parameter masks (which elements a merge may change)")
     ms = p.add_subparsers(dest="mask_command", required=True)
 
@@ -199,8 +198,8 @@ def _parts(args, names: tuple[str, ...]) -> dict[str, float]:
 
 
 def cmd_weights_build(args) -> int:
-    from . import weights as W
-    from .models import open_model
+    from ..core import weights as W
+    from ..core.files import open_model
     with open_model(args.model) as m:
         family = _family(m)
         if args.weights_command == "blocks":
@@ -216,21 +215,21 @@ def cmd_weights_build(args) -> int:
 
 
 def cmd_weights_edit(args) -> int:
-    from .weights import WeightSet, edit
+    from ..core.weights import WeightSet, edit
     ws = edit(WeightSet.load(args.weights), args.layers, args.op, args.value)
     _save_weights(ws, args.output, [args.weights], args.overwrite)
     return 0
 
 
 def cmd_weights_op(args) -> int:
-    from .weights import WeightSet, combine
+    from ..core.weights import WeightSet, combine
     ws = combine(WeightSet.load(args.weights_a), WeightSet.load(args.weights_b), args.op, args.join)
     _save_weights(ws, args.output, [args.weights_a, args.weights_b], args.overwrite)
     return 0
 
 
 def _add_weights(sub) -> None:
-    from .weights import ATTENTION_PARTS, GROUPS, SHELL_PARTS, WEIGHT_COMBINE_OPS, WEIGHT_EDIT_OPS
+    from ..core.weights import ATTENTION_PARTS, GROUPS, SHELL_PARTS, WEIGHT_COMBINE_OPS, WEIGHT_EDIT_OPS
     p = sub.add_parser("weights", help="make per-key weight sets (layer gradients) for α and other block parameters")
     ws = p.add_subparsers(dest="weights_command", required=True)
 
@@ -274,7 +273,7 @@ def _add_weights(sub) -> None:
 # ------------------------------------------------------------------------------------ normalize / noise
 
 def cmd_normalize(args) -> int:
-    from .tools import normalize
+    from ..tools.transform import normalize
     if not args.model or len(args.model) != 2:
         raise InputError("normalize takes two models: --model A --model B (A is scaled toward B).")
     a, b = args.model
@@ -287,8 +286,8 @@ def cmd_normalize(args) -> int:
 
 
 def cmd_noise(args) -> int:
-    from .masks import Mask
-    from .tools import inject_noise
+    from ..core.masks import Mask
+    from ..tools.transform import inject_noise
     _check_out(args.output, ".safetensors", [args.model], args.overwrite)
     mask = Mask.load(args.mask) if args.mask else None
     result = inject_noise(args.model, args.output, kind=args.kind, ratio=args.ratio, mean=args.mean, std=args.std,
@@ -299,7 +298,7 @@ def cmd_noise(args) -> int:
 
 
 def _add_normalize_and_noise(sub) -> None:
-    from .tools import NOISE_KINDS, NORMALIZE_MODES
+    from ..tools.transform import NOISE_KINDS, NORMALIZE_MODES
     n = sub.add_parser("normalize", help="scale model A's parameter norms toward model B's")
     n.add_argument("--model", action="append", help="--model A --model B")
     n.add_argument("--mode", choices=NORMALIZE_MODES, default="attn_only")
@@ -329,9 +328,9 @@ def _png(args, inputs: list) -> Path | None:
 
 
 def cmd_report_mask(args) -> int:
-    from .masks import Mask
-    from .models import open_model
-    from .report import mask_report, mask_report_png
+    from ..core.files import open_model
+    from ..core.masks import Mask
+    from ..tools.report import mask_report, mask_report_png
     png = _png(args, [args.file])
     mask = Mask.load(args.file)
     family = args.family
@@ -346,8 +345,8 @@ def cmd_report_mask(args) -> int:
 
 
 def cmd_report_weights(args) -> int:
-    from .report import weights_report, weights_report_png
-    from .weights import WeightSet
+    from ..core.weights import WeightSet
+    from ..tools.report import weights_report, weights_report_png
     png = _png(args, [args.file])
     ws = WeightSet.load(args.file)
     print(weights_report(ws, args.family, details=not args.summary))
@@ -358,7 +357,7 @@ def cmd_report_weights(args) -> int:
 
 
 def cmd_report_layer(args) -> int:
-    from .report import layer_report
+    from ..tools.report import layer_report
     png = _png(args, [args.model])
     print(layer_report(args.model, args.key, png, args.scaling))
     if png:
@@ -367,7 +366,7 @@ def cmd_report_layer(args) -> int:
 
 
 def _add_report(sub) -> None:
-    from .report import LAYER_SCALINGS
+    from ..tools.report import LAYER_SCALINGS
     p = sub.add_parser("report", help="describe a mask, a weight set or one model layer (text, optional PNG)")
     rs = p.add_subparsers(dest="report_command", required=True)
 

@@ -1,8 +1,8 @@
 """The real key names and shapes of SD1.x, SD2.x and SDXL checkpoints, and small models built from them.
 
 The tables (keysets/*.tsv.gz: component, key, shape, dtype, optional) list every key of a full
-checkpoint. Tests and the demo build tiny checkpoints with exactly these keys and shrunken shapes;
-benchmarks build full-size ones.
+checkpoint. Tests build tiny checkpoints with exactly these keys and shrunken shapes (and
+preview/tiny.py runnable ones); benchmarks build full-size ones.
 """
 from __future__ import annotations
 
@@ -76,12 +76,3 @@ def make_state_dict(family: str, *, seed: int = 0, factor: int = 32, like: dict 
             t = torch.randn(shape, generator=g) * 0.1
         sd[k.key] = t.to(dtype)
     return sd
-
-
-def make_runnable_state_dict(family: str, seed: int = 0, *, variant: str = "") -> dict[str, torch.Tensor]:
-    """A tiny checkpoint that diffusers can run (standalone generation tests): every key of a complete
-    checkpoint (checkpoint_keys(family, with_optional=True), less SDXL's v-pred markers) with consistent
-    small shapes: the real block structure, UNet widths 32/64/128, text encoders 32/64 wide, GroupNorm-friendly.
-    `variant="inpainting"` gives the UNet 9 input channels. Needs diffusers and transformers (imported here)."""
-    from .diffusion import tiny_runnable_state_dict
-    return tiny_runnable_state_dict(family, seed, variant)

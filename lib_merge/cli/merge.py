@@ -1,17 +1,12 @@
-"""Command line: `python -m lib_merge merge|info|methods|presets|demo|ui ...`.
-
-Exit status: 0 on success, 2 on a user error (the message goes to stderr and no output file is left),
-1 on an unexpected failure (a bug: please report it with the traceback).
-"""
+"""The model commands: `merge`, `info`, `methods`, `presets`, and the apps: `demo`, `ui`."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
-from .errors import InputError, MergeError
+from ..core.errors import InputError
 
 
 def _parse_param(text: str) -> tuple[str, str]:
@@ -53,12 +48,11 @@ class TerminalProgress:
 
 
 def build_recipe(args):
-    from .arch import TEXT_ENCODER, UNET, VAE
-    from .models import open_model
-    from .arch import detect
-    from .methods import get_method
-    from .recipe import ModelRef, Recipe
-    from .weights import parse_blocks
+    from ..core.arch import TEXT_ENCODER, UNET, VAE, detect
+    from ..core.files import open_model
+    from ..core.weights import parse_blocks
+    from ..engine.recipe import ModelRef, Recipe
+    from ..methods.spec import get_method
 
     if args.recipe:
         try:
@@ -103,7 +97,7 @@ def build_recipe(args):
     if args.mask:
         recipe.mask = ModelRef(name=Path(args.mask).name, path=args.mask)
     if args.weights:
-        from .weights import WeightSet
+        from ..core.weights import WeightSet
         ws = WeightSet.load(args.weights)
         recipe.layer_weights = {"param": args.weights_param or (spec.blockwise_params or [None])[0],
                                 "values": dict(ws)}
@@ -112,7 +106,8 @@ def build_recipe(args):
 
 
 def cmd_merge(args) -> int:
-    from .engine import FileSink, merge
+    from ..engine.merge import merge
+    from ..engine.sinks import FileSink
     recipe = build_recipe(args)
     out = Path(args.output)
     sink = FileSink(out, overwrite=args.overwrite)
@@ -125,7 +120,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .info import model_info, format_info
+    from ..tools.info import format_info, model_info
     info = model_info(args.file, hashes=not args.no_hash)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -135,7 +130,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from .methods import METHODS
+    from ..methods import METHODS
     if args.json:
         print(json.dumps([m.describe() for m in METHODS.values()], indent=2))
         return 0
@@ -152,7 +147,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .weights import PRESETS, format_blocks, preset
+    from ..core.weights import PRESETS, format_blocks, preset
     family = args.family
     for name, (desc, _) in PRESETS.items():
         print(f"{name:22s} {desc}\n    {format_blocks(preset(name, family), family)}")
@@ -160,21 +155,33 @@ def cmd_presets(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The built-in main job until the Merge tab exists: make two tiny demo models and merge them."""
-    from .demo import run_demo
-    return run_demo(Path(args.dir), progress=TerminalProgress())
+    """Make two tiny demo models and merge them (no downloads)."""
+    from ..core.weights import preset
+    from ..engine.merge import merge
+    from ..engine.recipe import ModelRef, Recipe
+    from ..engine.sinks import FileSink
+    from ..preview.demo import make_demo_models
+    from ..tools.info import format_info, model_info
+
+    a, b = make_demo_models(Path(args.dir))
+    out = Path(args.dir) / "demo_merged.safetensors"
+    recipe = Recipe("weighted_sum", [ModelRef(a.name, str(a)), ModelRef(b.name, str(b))], params={"alpha": 0.5},
+                    blocks={"alpha": preset("GRAD_V", "sd1")})
+    result = merge(recipe, FileSink(out, overwrite=True), progress=TerminalProgress())
+    print(f"Demo: merged {a.name} and {b.name} with weighted_sum, block weights GRAD_V -> {out}"
+          f" ({result.seconds:.2f} s)\n")
+    print(format_info(model_info(str(out))))
+    return 0
 
 
 def cmd_ui(args) -> int:
     """The standalone Merge app in the browser (gradio is imported only now)."""
-    from .ui.app import run
+    from ..ui.app import run
     return run(args)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lib_merge", description="Merge Lab: merge Stable Diffusion checkpoints.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_merge_commands(sub) -> None:
+    """merge, info, methods, presets."""
     m = sub.add_parser("merge", help="merge checkpoints into a .safetensors file")
     m.add_argument("--recipe", help="a recipe JSON file (from a saved model's metadata or the UI)")
     m.add_argument("--method", help="merge method (see `methods`)")
@@ -219,28 +226,13 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"])
     pr.set_defaults(func=cmd_presets)
 
-    from .cli_tools import add_tool_commands
-    add_tool_commands(sub)  # mask, weights, normalize, noise, report
-    from .lora.cli import add_lora_commands
-    add_lora_commands(sub)  # lora info
 
+def add_app_commands(sub) -> None:
+    """demo, ui."""
     d = sub.add_parser("demo", help="create two tiny demo checkpoints and merge them (no downloads)")
     d.add_argument("--dir", default="merge-lab-demo", help="folder for the demo files")
     d.set_defaults(func=cmd_demo)
 
-    from .ui.app import make_parser as ui_parser  # cheap: the app module imports gradio only when it runs
+    from ..ui.app import make_parser as ui_parser  # cheap: the app module imports gradio only when it runs
     u = sub.add_parser("ui", parents=[ui_parser(add_help=False)], help="the Merge app in your browser")
     u.set_defaults(func=cmd_ui)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except MergeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing was written.", file=sys.stderr)
-        return 130

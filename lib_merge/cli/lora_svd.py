@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .svd import MODES, SvdError
+from ..lora.svd import MODES, SvdError
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -20,7 +20,7 @@ def _summary(retained: dict[str, float]) -> str:
 
 
 def cmd_extract(args) -> int:
-    from .extract import extract
+    from ..lora.extract import extract
     r = extract(args.base, args.tuned, args.output, args.rank, args.conv_rank, te_threshold=args.te_threshold,
                 dtype=_DTYPES[args.dtype], clamp_quantile=None if args.no_clamp else args.clamp_quantile,
                 seed=args.seed, overwrite=args.overwrite)
@@ -32,7 +32,7 @@ def cmd_extract(args) -> int:
 
 
 def cmd_resize(args) -> int:
-    from .resize import resize
+    from ..lora.resize import resize
     if args.rank is None and args.dynamic is None:
         raise SvdError("Give --rank R or --dynamic RULE:VALUE (e.g. sv_fro:0.9).")
     r = resize(args.file, args.output, rank=args.rank, dynamic=args.dynamic, max_rank=args.max_rank,
@@ -49,8 +49,8 @@ def cmd_resize(args) -> int:
 
 def cmd_merge_svd(args) -> int:
     """`lora merge-svd`, and `lora merge --rank R` (the same SVD merge; concat there means add)."""
-    from .merge import parse_lora_arg
-    from .svd import merge_svd
+    from ..lora.merge import parse_lora_arg
+    from ..lora.svd import merge_svd
     loras = [parse_lora_arg(t) for t in args.lora]
     dtype = _DTYPES.get(args.dtype, args.dtype)
     r = merge_svd(loras, args.output, mode=args.mode, density=args.density, rank=args.rank,

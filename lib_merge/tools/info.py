@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .arch import component_of, detect, summarize_components
-from .models import dtype_name, file_hashes, open_model
-from .recipe import METADATA_KEY
+from ..core.arch import component_of, detect, summarize_components
+from ..core.files import dtype_name, file_hashes, open_model
+from ..engine.recipe import METADATA_KEY
 
 
 def model_info(path: str, hashes: bool = True) -> dict:

@@ -1,0 +1,39 @@
+"""Command line: `python -m lib_merge COMMAND ...`, one module per command group:
+merge.py (merge, info, methods, presets, demo, ui), tools.py (mask, weights, normalize, noise, report),
+lora.py and lora_svd.py (lora ...).
+
+Exit status: 0 on success, 2 on a user error (the message goes to stderr and no output file is left),
+1 on an unexpected failure (a bug: please report it with the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..core.errors import MergeError
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from .lora import add_lora_commands
+    from .merge import add_app_commands, add_merge_commands
+    from .tools import add_tool_commands
+
+    p = argparse.ArgumentParser(prog="python -m lib_merge", description="Merge Lab: merge Stable Diffusion checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_merge_commands(sub)   # merge, info, methods, presets
+    add_tool_commands(sub)    # mask, weights, normalize, noise, report
+    add_lora_commands(sub)    # lora ...
+    add_app_commands(sub)     # demo, ui
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written.", file=sys.stderr)
+        return 130
