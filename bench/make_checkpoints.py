@@ -4,7 +4,7 @@ Usage: python bench/make_checkpoints.py --out DIR --count 3 [--arch sd1|sdxl]
 
 Files are DIR/sd15_0.safetensors, DIR/sd15_1.safetensors, ... (~2.1 GB each) for
 --arch sd1 (the default), DIR/sdxl_0.safetensors, ... (~6.9 GB each) for --arch sdxl.
-Keys and shapes come from lib_merge/keysets/{sd1,sdxl}.tsv.gz (read as plain data;
+Keys and shapes come from lib_merge/core/keysets/{sd1,sdxl}.tsv.gz (read as plain data;
 this script does not import lib_merge): the non-optional keys of the text encoder(s)
 (clip_l; SDXL also clip_g), vae and diffuser, plus the int64 CLIP position_ids
 (values 0..76) — the same key list as lib_merge.core.keysets.checkpoint_keys. No EMA or
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KEYSETS = Path(__file__).resolve().parent.parent / "lib_merge" / "keysets"
+KEYSETS = Path(__file__).resolve().parent.parent / "lib_merge" / "core" / "keysets"
 ARCHS = {"sd1": ("sd1.tsv.gz", "sd15"), "sdxl": ("sdxl.tsv.gz", "sdxl")}   # arch -> (key table, file prefix)
 COMPONENTS = ("clip_l", "clip_g", "vae", "diffuser")
 BASE_STD, FINETUNE_STD = 0.02, 0.002
