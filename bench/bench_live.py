@@ -1,88 +1,121 @@
-"""Live re-merge benchmark: merging into a loaded model again after a slider change.
+"""Live re-merge benchmark: what one AutoMBW trial (or one slider change) costs before generation.
 
-A "live model" here is a float32 state dict (what a WebUI on the CPU holds with --no-half) of a full-size
-SD1.5. In one process, timed with time.perf_counter:
+A "live model" is a state dict shaped like model A (float32, what a WebUI on the CPU holds with --no-half,
+or --live-dtype float16), weighted sum of two full-size checkpoints from bench/make_checkpoints.py. Each
+way runs in its own process under /usr/bin/time -v (peak RSS), first merges once, then does --trials
+trials that each change EVERY block's alpha, timed one by one:
 
-  (a) the first merge into the live model (weighted sum; the terms are kept, LiveCache),
-  (b) a re-merge after changing ONE block's α (only that block's tensors are rewritten),
-  (c) a re-merge after changing EVERY block's α (every merged tensor is finished again, nothing read),
-  (d) what SuperMerger-style tools do for the same change: a full merge into a new state dict, then
-      load_state_dict-style copying of every tensor into the live model.
+  ours-kept     re-merge into the live model, the inputs' merged keys kept in memory (LiveCache, budget 64 GB)
+  ours-reread   re-merge into the live model, the changed tensors read again from the files (budget 0)
+  dict+load     a full merge into a new state dict, then load it into the live model (bayesian-merger)
+  file+load     a full merge to a .safetensors file, then load the file into the live model and delete it
+                (AutoMBW V1: it writes a checkpoint per candidate and makes the WebUI load it)
 
-    python bench/bench_live.py --data /work/bench-data [--device cpu|cuda] [--budget-gb 12]
+    python bench/bench_live.py --data /work/bench-data [--arch sd1|sdxl] [--trials 3] [--only ours-kept ...]
 
-Prints a markdown table. Peak RSS of the whole run: wrap it in /usr/bin/time -v.
+Prints a markdown table: median seconds per trial, each trial's seconds, tensors written, peak RSS.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+WAYS = ("ours-kept", "ours-reread", "dict+load", "file+load")
+NAMES = {"sd1": "sd15", "sdxl": "sdxl"}
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_merge.core.files import open_model  # noqa: E402
-from lib_merge.core.weights import preset  # noqa: E402
-from lib_merge.engine.live import LiveCache
-from lib_merge.engine.merge import merge  # noqa: E402
-from lib_merge.engine.recipe import ModelRef, Recipe  # noqa: E402
-from lib_merge.engine.sinks import DictSink, TensorSink
+def child(args) -> None:
+    import torch
+
+    from lib_merge.core.files import open_model
+    from lib_merge.engine.live import LiveCache
+    from lib_merge.engine.merge import merge
+    from lib_merge.engine.recipe import ModelRef, Recipe
+    from lib_merge.engine.sinks import DictSink, FileSink, TensorSink
+
+    a, b = (str(Path(args.data) / f"{NAMES[args.arch]}_{i}.safetensors") for i in (0, 1))
+    live_dtype = getattr(torch, args.live_dtype)
+    with open_model(a) as f:
+        live = {k: torch.zeros(i.shape, dtype=live_dtype if i.is_float else i.dtype) for k, i in f.tensors.items()}
+    n_blocks = 26 if args.arch == "sd1" else 20
+    sink = TensorSink(live)
+    cache = LiveCache((64 << 30) if args.way == "ours-kept" else 0)
+
+    def recipe(trial: int) -> Recipe:
+        blocks = [round(0.05 + 0.9 * ((i * 7 + trial * 3) % n_blocks) / n_blocks, 4) for i in range(n_blocks)]
+        return Recipe("weighted_sum", [ModelRef("a", a), ModelRef("b", b)], params={"alpha": 0.5},
+                      blocks={"alpha": blocks}, dtype="float16")
+
+    def load(state) -> None:
+        with torch.no_grad():
+            for k, v in state.items():
+                live[k].copy_(v)
+
+    def trial(i: int) -> int:
+        if args.way.startswith("ours"):
+            return merge(recipe(i), sink, live=cache, hashes=False).rewritten
+        if args.way == "dict+load":
+            state = merge(recipe(i), DictSink(), hashes=False).output
+            load(state)
+            return len(state)
+        with tempfile.TemporaryDirectory(dir=args.tmp) as d:
+            path = Path(d) / "candidate.safetensors"
+            merge(recipe(i), FileSink(path), hashes=False)
+            with open_model(path) as f:
+                load({k: f.read(k) for k in f.tensors})
+                return len(f.tensors)
+
+    started = time.perf_counter()
+    first = trial(0)
+    setup = time.perf_counter() - started
+    times, written = [], []
+    for i in range(1, args.trials + 1):
+        t = time.perf_counter()
+        written.append(trial(i))
+        times.append(time.perf_counter() - t)
+    print("RESULT " + json.dumps({"setup": setup, "first": first, "times": times, "written": written,
+                                  "kept_gb": cache.kept_bytes / 2**30, "note": cache.note}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", required=True, help="folder with sd15_0 and sd15_1 (bench/make_checkpoints.py)")
-    ap.add_argument("--device", default="cpu", help="where the live model and the kept terms live")
-    ap.add_argument("--budget-gb", type=float, default=12.0, help="LiveCache budget for the kept terms")
+    ap.add_argument("--data", required=True, help="folder with sd15_0/1 or sdxl_0/1 (bench/make_checkpoints.py)")
+    ap.add_argument("--arch", default="sd1", choices=list(NAMES))
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--live-dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--only", nargs="*", choices=WAYS, default=list(WAYS))
+    ap.add_argument("--tmp", default=None, help="folder for file+load's candidate files (default: the system's)")
+    ap.add_argument("--way", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    a, b = (str(Path(args.data) / f"sd15_{i}.safetensors") for i in (0, 1))
-    device = torch.device(args.device)
-
-    with open_model(a) as f:  # the live model: float32 tensors shaped like A's
-        live = {k: torch.zeros(i.shape, dtype=torch.float32 if i.is_float else i.dtype, device=device)
-                for k, i in f.tensors.items()}
-    sink = TensorSink(live)
-    cache = LiveCache(int(args.budget_gb * 2**30))
-    models = [ModelRef("sd15_0", a), ModelRef("sd15_1", b)]
-
-    def run(blocks, label, **kw):
-        recipe = Recipe("weighted_sum", [ModelRef(m.name, m.path) for m in models], params={"alpha": 0.5},
-                        blocks={"alpha": blocks}, dtype="float16")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        result = merge(recipe, kw.pop("sink", sink), device=args.device, live=kw.pop("live", cache), **kw)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return label, time.perf_counter() - t, result
-
-    base = preset("FLAT_50", "sd1")
-    one = list(base)
-    one[5] = 0.9                       # IN04 only (a resnet and a transformer block)
-    every = [min(1.0, v + 0.1) for v in base]
-    rows = [run(base, "(a) first merge into the live model")]
-    rows.append(run(one, "(b) re-merge after changing one block (IN04)"))
-    rows.append(run(every, "(c) re-merge after changing every block"))
-
-    t = time.perf_counter()
-    full = merge(Recipe("weighted_sum", [ModelRef(m.name, m.path) for m in models], params={"alpha": 0.5},
-                        blocks={"alpha": base}, dtype="float16"), DictSink(), device=args.device).output
-    with torch.no_grad():
-        for k, v in full.items():
-            live[k].copy_(v)
-    rows.append(("(d) full merge to a state dict + load into the live model", time.perf_counter() - t, None))
-
-    print(f"\nlive model: {sum(v.numel() for v in live.values()) / 1e9:.2f} G parameters in float32 on {device}; "
-          f"kept terms: {sum(t.numel() * t.element_size() for ts in cache.terms.values() for t in ts) / 2**30:.1f} GiB"
-          f"{'; ' + cache.note if cache.note else ''}\n")
-    print("| step | seconds | tensors written |")
-    print("|---|---|---|")
-    for label, seconds, result in rows:
-        written = result.rewritten if result is not None else len(full)
-        print(f"| {label} | {seconds:.2f} | {written} |")
+    if args.way:
+        return child(args)
+    print(f"{args.arch}, live model {args.live_dtype}, {args.trials} trials each changing every block\n")
+    print("| way | median s / trial | trials (s) | first merge (s) | tensors written per trial | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|")
+    for way in args.only:
+        cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--data", args.data, "--arch", args.arch,
+               "--trials", str(args.trials), "--live-dtype", args.live_dtype, "--way", way]
+        if args.tmp:
+            cmd += ["--tmp", args.tmp]
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if p.returncode or line is None:
+            print(f"| {way} | failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]} | | | | |")
+            continue
+        r = json.loads(line[7:])
+        rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1e6
+        extra = f" (kept {r['kept_gb']:.1f} GiB)" if r["kept_gb"] else ""
+        print(f"| {way}{extra} | {statistics.median(r['times']):.2f} | {', '.join(f'{t:.2f}' for t in r['times'])} "
+              f"| {r['setup']:.2f} | {r['written'][-1]} | {rss:.2f} |")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def merge_to_memory(host: Host, recipe: Recipe, *, device: str | None = None) ->
     except MergeError as e:
         return MergeSummary(False, str(e))
     seconds = time.monotonic() - started
-    how = "" if host.live_cache is None or not host.live_cache.terms else f" ({result.rewritten} tensors rewritten)"
+    how = "" if host.live_cache is None or not host.live_cache.params else f" ({result.rewritten} tensors rewritten)"
     notes = [host.live_cache.note] if host.live_cache is not None and host.live_cache.note else []
     return MergeSummary(True, f"Merged {merged.name} into memory in {seconds:.1f} s{how}.",
                         recipe.public_json(indent=2), merged.name, merged.short_hash, seconds=seconds,

@@ -32,8 +32,9 @@ def full(recipe_kwargs, tiny):
     ("ties", ("sd1_b", "sd1_c"), "sd1_a", "lambda"),
     ("dare_ties", ("sd1_b", "sd1_c"), "sd1_a", "lambda"),
 ])
-def test_slider_sequence_equals_full_merge_bit_for_bit(tiny, method, names, base, param):
-    live = LiveCache(budget_bytes=1 << 30)
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["inputs-kept", "files-reread"])
+def test_slider_sequence_equals_full_merge_bit_for_bit(tiny, method, names, base, param, budget):
+    live = LiveCache(budget_bytes=budget)
     targets = fresh_targets(tiny)
     sink = TensorSink(targets)
     base_ref = ModelRef(base, str(tiny.path[base])) if base else None
@@ -50,13 +51,17 @@ def test_slider_sequence_equals_full_merge_bit_for_bit(tiny, method, names, base
     for step in sequence:
         r = merge(Recipe(**kwargs, **step), sink, live=live, threads=2)
         written.append(r.rewritten)
-    n_merged = sum(1 for k, v in tiny.state["sd1_a"].items()
-                   if v.is_floating_point() and not k.startswith("first_stage_model.") and not k.endswith("position_ids"))
+    n_merged = n_merged_keys(tiny)
     m00 = sum(1 for k in tiny.state["sd1_a"] if block_of(k, "sd1") == "M00")
     assert written[0] == len(tiny.state["sd1_a"]) and written[2] == m00 and written[3] == n_merged
     want = full({**kwargs, **sequence[-1]}, tiny)
     for k in targets:
         assert torch.equal(targets[k], want[k]), k
+
+
+def n_merged_keys(tiny):
+    return sum(1 for k, v in tiny.state["sd1_a"].items()
+               if v.is_floating_point() and not k.startswith("first_stage_model.") and not k.endswith("position_ids"))
 
 
 def test_other_changes_are_full_merges_and_budget_is_respected(tiny):
@@ -65,18 +70,24 @@ def test_other_changes_are_full_merges_and_budget_is_respected(tiny):
     live = LiveCache(budget_bytes=1 << 30)
     kw = dict(method="weighted_sum", models=refs(tiny, "sd1_a", "sd1_b"), dtype="float32")
     merge(Recipe(**kw, params={"alpha": 0.2}), sink, live=live)
+    assert live.kept_bytes == 2 * sum(v.numel() * v.element_size() for k, v in tiny.state["sd1_a"].items()
+                                      if k in live.keep)   # both inputs' merged keys, in their own dtype
     r = merge(Recipe(**kw, params={"alpha": 0.2}, seed=1), sink, live=live)   # the seed is structure
     assert r.rewritten == len(targets)
     r = merge(Recipe(**kw, params={"alpha": 0.2}, seed=1), sink, live=live)   # nothing changed at all
     assert r.rewritten == 0
+    # over the budget nothing is kept, and a re-merge reads only the changed keys from the files
     small = LiveCache(budget_bytes=1000)
     merge(Recipe(**kw, params={"alpha": 0.2}), sink, live=small)
     r = merge(Recipe(**kw, params={"alpha": 0.4}), sink, live=small)
-    assert r.rewritten == len(targets) and "budget" in small.note and not small.terms
-    stock = LiveCache(budget_bytes=1 << 30)
+    assert r.rewritten == n_merged_keys(tiny) and "budget" in small.note and small.kept_bytes == 0
+    want = full({**kw, "params": {"alpha": 0.4}}, tiny)
+    assert all(torch.equal(targets[k], want[k]) for k in targets)
+    # every method re-merges only what changed (a soup has no per-block value: nothing to rewrite)
+    soup = LiveCache(budget_bytes=1 << 30)
     kw_soup = dict(method="uniform_soup", models=refs(tiny, "sd1_a", "sd1_b"), dtype="float32")
-    merge(Recipe(**kw_soup), sink, live=stock)
-    assert "full merge" in stock.note
+    merge(Recipe(**kw_soup), sink, live=soup)
+    assert merge(Recipe(**kw_soup), sink, live=soup).rewritten == 0
 
 
 def test_a_failed_remerge_forgets_the_kept_terms(tiny):
@@ -86,10 +97,10 @@ def test_a_failed_remerge_forgets_the_kept_terms(tiny):
     live = LiveCache(budget_bytes=1 << 30)
     kw = dict(method="weighted_sum", models=refs(tiny, "sd1_a", "sd1_b"), dtype="float32")
     merge(Recipe(**kw, params={"alpha": 0.2}), sink, live=live)
-    assert live.terms
+    assert live.params and live.kept_bytes
     with pytest.raises(CancelledError):
         merge(Recipe(**kw, params={"alpha": 0.7}), sink, live=live, cancel=lambda: True)
-    assert not live.terms, "half-written live tensors must not be patched from stale bookkeeping"
+    assert not live.params and not live.kept_bytes, "half-written live tensors must not be patched from stale bookkeeping"
     r = merge(Recipe(**kw, params={"alpha": 0.2}), sink, live=live)
     assert r.rewritten == len(targets)
     want = full({**kw, "params": {"alpha": 0.2}}, tiny)

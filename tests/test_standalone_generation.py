@@ -73,3 +73,24 @@ def test_api_merges_and_generates_standalone(host):
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["images"]) == 1 and "Seed: 3" in body["infotexts"][0]
+
+
+def test_live_remerge_memory_setting_from_the_flag_and_the_tab(runnable_models, tmp_path):
+    """`ui --cache-mb 0`: nothing is kept and a re-merge reads only the changed tensors (with a note);
+    the tab's field raises the budget and the next merge keeps the inputs in memory."""
+    from lib_merge.ui.app import make_parser
+    from lib_merge.ui.tab import make_tab
+    args = make_parser().parse_args(["--cache-mb", "0"])
+    host = StandaloneHost(runnable_models, tmp_path / "out", settings={"merge_lab_cache_mb": args.cache_mb})
+    r = session.recipe_from_names(host, "weighted_sum", ["r1.safetensors", "r2.safetensors"], params={"alpha": 0.3})
+    s = session.merge_to_memory(host, r)
+    assert s.ok and any("budget" in w for w in s.warnings) and host.live_cache.kept_bytes == 0
+    r.params["alpha"] = 0.6
+    s = session.merge_to_memory(host, r)
+    rewritten = int(re.search(r"\((\d+) tensors rewritten\)", s.message).group(1))
+    assert 0 < rewritten < 1131   # the merged keys only (the VAE and position ids stay)
+    tab = make_tab(host)
+    v = {**tab.values(), "model_a": "r1.safetensors", "model_b": "r2.safetensors", "cache_mb": 1024, "seed": 5}
+    u = list(tab.on_merge(v))[-1]
+    assert "merge-lab-ok" in u["status"] and host.setting("merge_lab_cache_mb") == 1024
+    assert host.live_cache.kept_bytes > 0 and not host.live_cache.note, (host.live_cache.note, u["status"])

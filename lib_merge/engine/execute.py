@@ -157,13 +157,10 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
             threads: int | None = None, chunk_elems: int | None = None,
             progress: Callable[[Progress], None] | None = None,
             cancel: Callable[[], bool] | None = None, nonfinite: str = "warn", mask=None,
-            metadata_draft: dict | None = None, capture: dict | None = None,
-            live_terms: dict | None = None, open_entries: list | None = None) -> list[str]:
+            metadata_draft: dict | None = None, open_entries: list | None = None) -> list[str]:
     """Run every task into the sink. Returns the keys that came out non-finite (policy 'warn').
 
     `mask` (a masks.Mask) restricts what may change: where it is False the output keeps A's values.
-    `capture` (a dict) receives each merged key's terms (methods with a finish step) for live re-merges;
-    `live_terms` are such terms from an earlier merge: those keys are only finished again.
     `open_entries`: what the sink is opened with when the plan is a part of the merge (a live re-merge
     writes some keys, but the sink still learns the whole model's layout).
     """
@@ -218,23 +215,14 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
             for rows in _chunks(task.shape, chunk_elems):
                 t = read(a, task.key, rows, ws)
                 emit(task, ws.cast(t, sink.dtype_for(task.key, task.out_dtype)), rows[0] if rows else 0)
-        elif live_terms is not None and task.key in live_terms:
-            # a live re-merge: the terms are kept; only the per-block parameters changed
-            out = spec.finish(live_terms[task.key], inplace=False, **task.params)
-            emit(task, ws.cast(out, sink.dtype_for(task.key, task.out_dtype)), 0)
         else:
             stream = KeyStream(task.key, task.shape, models, base, ws, device, compute_dtype,
                                chunk_elems if spec.chunkable else None, seed, task.region)
             stats = spec.prepare(stream, **task.params) if spec.prepare is not None else None
-            keep = capture is not None and task.region is None and spec.finish is not None
             if task.region is not None:
                 full = a.read(task.key).to(device, compute_dtype)
             for chunk in stream.chunks():
-                terms = [] if keep else None
-                out = spec.apply(chunk.models, base=chunk.base, stats=stats, rng=chunk.rng, params=task.params,
-                                 terms_out=terms)
-                if keep:
-                    _store_terms(capture, task, chunk.rows, terms[0], lock)
+                out = spec.apply(chunk.models, base=chunk.base, stats=stats, rng=chunk.rng, params=task.params)
                 if task.region is not None:
                     full[tuple(slice(0, d) for d in task.region)] = out
                     out = full
@@ -274,19 +262,6 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
         if torch.get_num_threads() != old_threads:
             torch.set_num_threads(old_threads)
     return bad_keys
-
-
-def _store_terms(capture: dict, task: Task, rows, terms: tuple, lock) -> None:
-    """Copy one chunk's terms into whole-key tensors kept for live re-merges."""
-    with lock:
-        kept = capture.get(task.key)
-        if kept is None:
-            kept = capture[task.key] = tuple(torch.empty(task.shape, dtype=t.dtype, device=t.device) for t in terms)
-    for dst, t in zip(kept, terms):
-        if rows is None:
-            dst.copy_(t.reshape(dst.shape))
-        else:
-            dst[rows[0]:rows[1]].copy_(t)
 
 
 def _apply_mask(mask, task: Task, out: torch.Tensor, rows, a: ModelFile, read, ws, device, dtype) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ..core.arch import Architecture
 from ..core.errors import InputError, MergeError
 from ..core.files import ModelFile, dtype_from_name, file_hashes, open_model
 from .execute import Progress, execute
-from .live import LiveCache, _live_plan
+from .live import LiveCache
 from .plan import plan_merge
 from .recipe import ModelRef, Recipe
 from .sinks import FileSink, Sink
@@ -131,20 +131,19 @@ def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = 
         # the header's room is sized from a draft of the metadata, with placeholder hashes of the final length
         draft = _draft_metadata(recipe, refs, inputs)
         compute_dtype = dtype_from_name(recipe.compute_dtype)
-        run_plan, capture, live_terms, signature = _live_plan(live, recipe, sink, plan, mask, device, compute_dtype)
+        run_plan, run_inputs, signature = plan, inputs, None
+        if live is not None:
+            run_plan, run_inputs, signature = live.plan_for(recipe, sink, plan, inputs, device, compute_dtype)
         try:
-            bad = execute(run_plan, inputs, sink, seed=recipe.seed, compute_dtype=compute_dtype,
+            bad = execute(run_plan, run_inputs, sink, seed=recipe.seed, compute_dtype=compute_dtype,
                           device=device, threads=threads, chunk_elems=chunk_elems, progress=progress, cancel=cancel,
-                          nonfinite=recipe.nonfinite, mask=mask, metadata_draft=draft, capture=capture,
-                          live_terms=live_terms, open_entries=plan.entries)
+                          nonfinite=recipe.nonfinite, mask=mask, metadata_draft=draft, open_entries=plan.entries)
         except BaseException:
             if live is not None:
                 live.clear()   # the live tensors are half written: the kept values no longer describe them
             raise
-        if capture is not None:
-            live.terms, live.signature, live.owner = capture, signature, sink.owner
-        if live is not None and live.terms:
-            live.params.update({t.key: t.params for t in run_plan.tasks if t.action == "merge"})
+        if signature is not None:
+            live.written(signature, sink.owner, run_plan)
         if hasher is not None:
             hasher.join()
         warnings = list(plan.warnings)

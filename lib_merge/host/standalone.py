@@ -114,6 +114,7 @@ class StandaloneHost(Host):
                 yield sink
             return
         self.preview_note = ""
+        self.live_cache.budget_bytes = int(self.setting("merge_lab_cache_mb", 4096)) << 20
         sink = self.generator.sink()
         yield sink
         self.current_state = sink.targets

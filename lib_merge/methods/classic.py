@@ -9,7 +9,7 @@ BETA = Param("beta", float, 0.5, (-1.0, 2.0), "weight of C", blockwise=True)
 
 
 @merge_method("weighted_sum", inputs=("A", "B"), params=[ALPHA], label="Weighted sum",
-              formula="A·(1−α) + B·α", n_terms=2,
+              formula="A·(1−α) + B·α",
               finish=lambda t, *, inplace, alpha: _lerp(t[0], t[1], alpha, inplace))
 def weighted_sum(inputs, *, rng=None, base=None, stats=None, **_):
     """Linear interpolation between A and B (exact A at α=0 and exact B at α=1)."""
@@ -24,7 +24,7 @@ def _add_difference_finish(t, *, inplace, alpha):
 
 @merge_method("add_difference", inputs=("A", "B", "C"),
               params=[Param("alpha", float, 1.0, (-1.0, 3.0), "strength of the difference B − C", blockwise=True)],
-              label="Add difference", formula="A + α·(B − C)", n_terms=2, finish=_add_difference_finish)
+              label="Add difference", formula="A + α·(B − C)", finish=_add_difference_finish)
 def add_difference(inputs, *, rng=None, base=None, stats=None, **_):
     """Add what B learned over C (e.g. an inpainting or style difference) to A."""
     a, b, c = inputs
@@ -32,7 +32,7 @@ def add_difference(inputs, *, rng=None, base=None, stats=None, **_):
 
 
 @merge_method("sum_twice", inputs=("A", "B", "C"), params=[ALPHA, BETA], label="Sum twice",
-              formula="(A·(1−α) + B·α)·(1−β) + C·β", n_terms=3,
+              formula="(A·(1−α) + B·α)·(1−β) + C·β",
               finish=lambda t, *, inplace, alpha, beta: _lerp(t[0], t[1], alpha, inplace).lerp_(t[2], beta))
 def sum_twice(inputs, *, rng=None, base=None, stats=None, **_):
     """Weighted sum of A and B, then weighted sum of that with C."""
@@ -49,7 +49,7 @@ def _triple_sum_finish(t, *, inplace, alpha, beta):
 @merge_method("triple_sum", inputs=("A", "B", "C"),
               params=[Param("alpha", float, 1 / 3, (-1.0, 2.0), "weight of B", blockwise=True),
                       Param("beta", float, 1 / 3, (-1.0, 2.0), "weight of C", blockwise=True)],
-              label="Triple sum", formula="A·(1−α−β) + B·α + C·β", n_terms=3, finish=_triple_sum_finish)
+              label="Triple sum", formula="A·(1−α−β) + B·α + C·β", finish=_triple_sum_finish)
 def triple_sum(inputs, *, rng=None, base=None, stats=None, **_):
     """Three-way weighted sum; A gets what α and β leave."""
     a, b, c = inputs

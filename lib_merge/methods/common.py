@@ -1,4 +1,4 @@
-"""What several method families share: parameters, the finish steps of live re-merges, and tensor steps
+"""What several method families share: parameters, the finish steps that take the per-block values, and tensor steps
 (weighted sums, TIES' disjoint merge, DARE's drop, Gram matrices of the deltas)."""
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import torch
 from ..core.errors import InputError
 from .spec import Choice, Param
 
-# Methods whose per-block parameters only enter at the end are split in two: `fn` returns terms that do
-# not depend on them, `finish` combines the terms with them. A live re-merge keeps the terms and re-runs
-# only `finish` for the keys whose values changed; both paths run the same arithmetic, so the bits agree.
+# Methods whose per-block parameters only enter at the end are written in two steps: `fn` returns terms that
+# do not depend on them, `finish` combines the terms with them (MethodSpec.apply runs both on each chunk).
 
 def _lerp(a, b, weight, inplace):
     return a.lerp_(b, weight) if inplace else torch.lerp(a, b, weight)

@@ -73,7 +73,7 @@ def _tgmd_prepare(stream, *, drop, eps, maxiter, ftol, **_):
 @merge_method("tgmd", many=True, base="required", params=[_drop("tgmd", 0.1), RESCALE, LAMBDA, EPS, MAXITER, FTOL],
               label="TGMD (TIES + geometric median + DARE)",
               formula="θ0 + λ·GM(mi ⊙ δi ⊙ [sign = γ])/(1 − p)", prepare=_tgmd_prepare,
-              finish=_lambda_finish, n_terms=2)
+              finish=_lambda_finish)
 def tgmd(models, *, base, drop, rescale, stats, rng, **_):
     """As TSD, with the disjoint mean replaced by the geometric median of the sign-filtered deltas."""
     _check_drop(drop, rescale)

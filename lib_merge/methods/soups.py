@@ -24,7 +24,7 @@ def weighted_soup(models, *, weights, base=None, stats=None, rng=None):
 
 @merge_method("task_arithmetic", many=True, base="required", params=[LAMBDA, WEIGHTS], label="Task arithmetic",
               formula="θ0 + λ·Σ wi·δi",
-              finish=_lambda_finish, n_terms=2)
+              finish=_lambda_finish)
 def task_arithmetic(models, *, base, weights, rng=None, stats=None, **_):
     """Add every model's difference from the base, weighted, scaled by λ."""
     deltas = models.sub_(base)

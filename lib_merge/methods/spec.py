@@ -94,18 +94,13 @@ class MethodSpec:
     prepare: Callable | None = None  # whole-tensor statistics, computed in streaming passes before the merge
     chunkable: bool = True           # the final pass may run in row chunks (needs prepare for global stats)
     finish: Callable | None = None   # with it, fn returns "terms" that do not depend on the per-block
-    n_terms: int = 0                 # parameters, and finish(terms, inplace, **params) makes the output
+                                     # parameters, and finish(terms, inplace, **params) makes the output
 
-    def apply(self, models, *, base, stats, rng, params: dict, terms_out: list | None = None):
-        """The method's output for one chunk. With `terms_out`, the terms are appended there too (the
-        engine keeps them for live re-merges) and finish works on copies, never on them."""
+    def apply(self, models, *, base, stats, rng, params: dict):
+        """The method's output for one chunk."""
         if self.finish is None:
             return self.fn(models, base=base, stats=stats, rng=rng, **params)
-        terms = self.fn(models, base=base, stats=stats, rng=rng, **params)
-        if terms_out is not None:
-            terms_out.append(terms)
-            return self.finish(terms, inplace=False, **params)
-        return self.finish(terms, inplace=True, **params)
+        return self.finish(self.fn(models, base=base, stats=stats, rng=rng, **params), inplace=True, **params)
 
     @property
     def n_models(self) -> int | None:
@@ -152,16 +147,16 @@ MAX_MODELS = 100
 
 def merge_method(name: str, *, inputs: tuple[str, ...] = ("models",), params: list[Param], label: str = "",
                  formula: str = "", help: str = "", many: bool = False, base: str = "none",
-                 prepare: Callable | None = None, chunkable: bool = True, finish: Callable | None = None,
-                 n_terms: int = 0):
+                 prepare: Callable | None = None, chunkable: bool = True, finish: Callable | None = None):
     def register(fn):
         if name in METHODS:
             raise RuntimeError(f"merge method '{name}' registered twice")
         METHODS[name] = MethodSpec(name, fn, tuple(inputs), tuple(params), label or name, formula,
                                    help or (fn.__doc__ or "").strip(), many, base, prepare, chunkable,
-                                   finish, n_terms)
+                                   finish)
         return fn
     return register
+
 
 def get_method(name: str) -> MethodSpec:
     if name not in METHODS:

@@ -70,7 +70,7 @@ def _trim(deltas: torch.Tensor, thresholds) -> torch.Tensor:
 
 @merge_method("ties", many=True, base="required", params=[DENSITY, ELECTION, LAMBDA], label="TIES",
               formula="θ0 + λ·disjoint_mean(trim_k(δi), elect)", prepare=_ties_thresholds,
-              finish=_lambda_finish, n_terms=2)
+              finish=_lambda_finish)
 def ties(models, *, base, density, election, stats=None, rng=None, **_):
     """TIES-merging: trim each δ to its largest `density` share, elect a sign per element, average the agreeing ones."""
     return base, disjoint_merge(_trim(models.sub_(base), stats), election)
@@ -78,7 +78,7 @@ def ties(models, *, base, density, election, stats=None, rng=None, **_):
 
 @merge_method("ties_soup", many=True, base="required", params=[LAMBDA], label="TIES-SOUP",
               formula="θ0 + λ·disjoint_mean(δi, sum)",
-              finish=_lambda_finish, n_terms=2)
+              finish=_lambda_finish)
 def ties_soup(models, *, base, stats=None, rng=None, **_):
     """TIES without trimming (k = 1), sign elected by the sum of deltas."""
     return base, disjoint_merge(models.sub_(base), "sum")
@@ -86,7 +86,7 @@ def ties_soup(models, *, base, stats=None, rng=None, **_):
 
 @merge_method("dare_linear", many=True, base="required", params=[_drop("dare_linear", 0.9), RESCALE, LAMBDA, WEIGHTS],
               label="DARE (linear)", formula="θ0 + λ·Σ wi·(mi ⊙ δi)/(1 − p)",
-              finish=_lambda_finish, n_terms=2)
+              finish=_lambda_finish)
 def dare_linear(models, *, base, drop, rescale, weights, rng, stats=None, **_):
     """DARE: drop random elements of each δ with probability p, rescale, add them up."""
     _check_drop(drop, rescale)
@@ -96,7 +96,7 @@ def dare_linear(models, *, base, drop, rescale, weights, rng, stats=None, **_):
 
 @merge_method("dare_ties", many=True, base="required", params=[_drop("dare_ties", 0.9), RESCALE, ELECTION, LAMBDA],
               label="DARE-TIES", formula="θ0 + λ·disjoint_mean(mi ⊙ δi, elect)/(1 − p)",
-              finish=_lambda_finish, n_terms=2)
+              finish=_lambda_finish)
 def dare_ties(models, *, base, drop, rescale, election, rng, stats=None, **_):
     """DARE's random drop, then TIES' sign election and disjoint mean."""
     _check_drop(drop, rescale)
@@ -105,7 +105,7 @@ def dare_ties(models, *, base, drop, rescale, election, rng, stats=None, **_):
 
 @merge_method("tsd", many=True, base="required", params=[_drop("tsd", 0.1), RESCALE, LAMBDA],
               label="TSD (TIES-SOUP + DARE)", formula="θ0 + λ·disjoint_mean(mi ⊙ δi, sum)/(1 − p)",
-              finish=_lambda_finish, n_terms=2)
+              finish=_lambda_finish)
 def tsd(models, *, base, drop, rescale, rng, stats=None, **_):
     """DARE drop (p ≈ 0.1) → TIES-SOUP → rescale: 6DammK9's TSD."""
     return dare_ties(models, base=base, drop=drop, rescale=rescale, election="sum", rng=rng)
@@ -151,7 +151,7 @@ def _dare_merge_majors(stream, *, drop, ties, rescale, iterations, **_):
                       Param("rescale", bool, False, help="divide kept deltas by 1 − drop (DareMerge: off)"),
                       Param("iterations", int, 1, (1, 16), "repeat the drop against the merged result")],
               label="DARE merge (A, B; ComfyUI-DareMerge)", formula="ratio·A + (1 − ratio)·DARE(A → B)",
-              finish=lambda t, *, inplace, ratio, **_: _lerp(t[0], t[1], ratio, inplace), n_terms=2)
+              finish=lambda t, *, inplace, ratio, **_: _lerp(t[0], t[1], ratio, inplace))
 def dare_merge(models, *, ratio, drop, ties, rescale, iterations, stats, rng, base=None):
     """ComfyUI-DareMerge's two-model DARE merge, so its workflows carry over (see docs/METHODS.md)."""
     _check_drop(drop, rescale)

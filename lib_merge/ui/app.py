@@ -26,6 +26,10 @@ def make_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--models-dir", default="models",
                    help="folder of checkpoints (default ./models; LoRAs in models/Lora)")
     p.add_argument("--output-dir", default="outputs", help="folder for saved merges (default ./outputs)")
+    p.add_argument("--cache-mb", type=int, default=4096,
+                   help="memory for live re-merges, MB (default 4096): the merged inputs are kept in memory so a "
+                        "slider change re-merges without reading the files; above it, only the changed tensors "
+                        "are read again")
     p.add_argument("--concurrency", type=int, default=2,
                    help="jobs that may run at once (merges still run one at a time)")
     return p
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from ..host.standalone import StandaloneHost
 
-    host = StandaloneHost(args.models_dir, args.output_dir)
+    host = StandaloneHost(args.models_dir, args.output_dir, settings={"merge_lab_cache_mb": args.cache_mb})
     print(f"Merge Lab: models from {host.models_dir}, merges saved to {host.output_folder}", flush=True)
     server = make_server(host, args.concurrency)
     print(f"Merge Lab: open http://{args.host}:{args.port} (HTTP API under /merge-lab/v1/)", flush=True)

@@ -208,6 +208,11 @@ class MergeTab(Section):
                 self._field("compute_dtype", gr.Radio(["float32", "float64"], value="float32",
                                                       label="Compute precision"))
                 self._field("device", gr.Radio(_devices(), value="cpu", label="Device"))
+                # the WebUI has this on its Settings page; the standalone app here (and `ui --cache-mb`)
+                self._field("cache_mb", gr.Number(
+                    value=self.host.setting("merge_lab_cache_mb", 4096), precision=0,
+                    label="Live re-merge memory (MB)", visible=self.host.name == "standalone",
+                    info="inputs kept in memory so a slider change re-merges without reading the files"))
             with gr.Row():
                 self._field("components", gr.CheckboxGroup(
                     list(F.COMPONENT_LABELS.values()), value=["UNet", "Text encoder"], label="Merge",
@@ -583,6 +588,8 @@ class MergeTab(Section):
             yield {"status": failure_html(e)}
             return
         device = v.get("device") or "cpu"
+        if v.get("cache_mb") is not None and self.host.name == "standalone":
+            self.host.settings["merge_lab_cache_mb"] = max(0, int(v["cache_mb"]))
         started = time.monotonic()
         for done, result in background(lambda: action(self.host, recipe, device=device)):
             if not done:
