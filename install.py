@@ -22,7 +22,7 @@ def webui_requirements(path=os.path.join(HERE, "requirements.txt")):
             if not spec or "[webui]" not in comment:
                 continue
             dist = re.split(r"[<>=!~ ;\[]", spec, maxsplit=1)[0]
-            module = {"bayesian-optimization": "bayes_opt"}.get(dist, dist.replace("-", "_"))
+            module = {"bayesian-optimization": "bayes_opt", "pyyaml": "yaml"}.get(dist, dist.replace("-", "_"))
             out.append((module, spec))
     return out
 

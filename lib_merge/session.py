@@ -27,6 +27,7 @@ class MergeSummary:
     path: str = ""
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    rewritten: int | None = None   # tensors a live re-merge wrote (None: a full merge or no live cache)
 
     def as_dict(self) -> dict:
         return {"ok": self.ok, "message": self.message, "recipe": self.recipe_json, "name": self.name,
@@ -92,7 +93,7 @@ def merge_to_memory(host: Host, recipe: Recipe, *, device: str | None = None) ->
                              threads=host.setting("merge_lab_threads", None) or None, live=host.live_cache)
 
         result = _run(host, "Merging", work)
-        merged = LoadedMerge(merged_name(recipe), _recipe_hash(recipe), recipe.public_json())
+        merged = LoadedMerge(merged_name(recipe), recipe_hash(recipe), recipe.public_json())
         host.set_loaded(merged)
     except MergeError as e:
         return MergeSummary(False, str(e))
@@ -101,7 +102,7 @@ def merge_to_memory(host: Host, recipe: Recipe, *, device: str | None = None) ->
     notes = [host.live_cache.note] if host.live_cache is not None and host.live_cache.note else []
     return MergeSummary(True, f"Merged {merged.name} into memory in {seconds:.1f} s{how}.",
                         recipe.public_json(indent=2), merged.name, merged.short_hash, seconds=seconds,
-                        warnings=result.warnings + notes)
+                        warnings=result.warnings + notes, rewritten=result.rewritten if how else None)
 
 
 def header_of(host: Host, recipe: Recipe) -> tuple[str, dict]:
@@ -170,7 +171,7 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _recipe_hash(recipe: Recipe) -> str:
+def recipe_hash(recipe: Recipe) -> str:
     """A 10-hex-digit hash of the recipe: the honest 'model hash' of a merge that has no file."""
     import hashlib
     return hashlib.sha256(recipe.public_json().encode()).hexdigest()[:10]

@@ -44,8 +44,8 @@ def test_install_py_installs_only_missing_tagged_requirements(monkeypatch):
     launch.run_pip = lambda args, desc: calls.append(args)
     monkeypatch.setitem(sys.modules, "launch", launch)
     runpy.run_path(str(ROOT / "install.py"))
-    assert "matplotlib" in checked and "bayes_opt" in checked
-    assert calls == ['install "bayesian-optimization>=3,<4"']
+    assert "matplotlib" in checked and "bayes_opt" in checked and "yaml" in checked and "cma" in checked
+    assert calls == ['install "bayesian-optimization>=3,<4"', 'install "cma>=4,<5"', 'install "pyyaml"']
     for forbidden in ("torch", "gradio", "numpy", "safetensors", "transformers"):
         assert forbidden not in checked
 

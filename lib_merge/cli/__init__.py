@@ -1,6 +1,6 @@
 """Command line: `python -m lib_merge COMMAND ...`, one module per command group:
 merge.py (merge, info, methods, presets, demo, ui), tools.py (mask, weights, normalize, noise, report),
-lora.py and lora_svd.py (lora ...).
+lora.py and lora_svd.py (lora ...), optimize.py (optimize run/resume/report/list: AutoMBW).
 
 Exit status: 0 on success, 2 on a user error (the message goes to stderr and no output file is left),
 1 on an unexpected failure (a bug: please report it with the traceback).
@@ -16,6 +16,7 @@ from ..core.errors import MergeError
 def make_parser() -> argparse.ArgumentParser:
     from .lora import add_lora_commands
     from .merge import add_app_commands, add_merge_commands
+    from .optimize import add_optimize_commands
     from .tools import add_tool_commands
 
     p = argparse.ArgumentParser(prog="python -m lib_merge", description="Merge Lab: merge Stable Diffusion checkpoints.")
@@ -23,6 +24,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_merge_commands(sub)   # merge, info, methods, presets
     add_tool_commands(sub)    # mask, weights, normalize, noise, report
     add_lora_commands(sub)    # lora ...
+    add_optimize_commands(sub)  # optimize ...
     add_app_commands(sub)     # demo, ui
     return p
 
