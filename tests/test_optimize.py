@@ -398,3 +398,37 @@ def test_scorer_module_errors(workdir):
     """))
     s, = build_scorers(check_scorer_spec("python:extra.py:f"), workdir)
     assert s.score([object(), object()], [{"prompt": "abc"}] * 2, {}) == [3.0, 3.0]
+
+
+# ------------------------------------------------------------------------------ Ray
+def test_ray_two_actors_every_candidate_once_and_a_dead_actor_is_replaced(workdir, runnable_models):
+    pytest.importorskip("ray")
+    from lib_merge.host.standalone import StandaloneHost
+    (workdir / "killer.py").write_text(textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        MARK = Path({str(workdir / "killed")!r})
+
+        def score(images, payloads, params):
+            # the first trial to reach trial 3's scoring kills its worker process, once
+            if len(list(Path({str(workdir)!r}).glob("runs/*/trials.jsonl"))) and not MARK.exists():
+                lines = next(Path({str(workdir)!r}).glob("runs/*/trials.jsonl")).read_text().splitlines()
+                if len(lines) >= 3:
+                    MARK.write_text(str(os.getpid()))
+                    os._exit(1)
+            return [-sum((params[k] - 0.5) ** 2 for k in params)] * len(images)
+    """))
+    host = StandaloneHost(runnable_models, workdir / "out", generate=False)
+    cfg = config(budget={"trials": 8}, scorer="python:killer:score", optimizer={"name": "bayes", "seed": 2,
+                                                                                "init_points": 3})
+    log = start_run(cfg, host, root=workdir / "runs", base_dir=workdir)
+    lines: list[str] = []
+    result = execute(log, host=host, workers=2, echo=lines.append)
+    assert result["state"] == "done", lines
+    trials = RunLog.open(log.folder).trials()
+    assert sorted(r["trial"] for r in trials) == list(range(8)), "each trial exactly once"
+    assert all(r["status"] == "ok" for r in trials), [r["error"] for r in trials]
+    assert {r["worker"] for r in trials} == {"ray-0", "ray-1"}, "both actors ran candidates"
+    assert (workdir / "killed").exists() and any("died" in line and "runs again" in line for line in lines), lines
+    params = [tuple(r["params"].values()) for r in trials]
+    assert len(set(params)) == 8, "the batch suggestions are distinct (constant liar)"

@@ -202,8 +202,10 @@ def resolve(config: dict, host, base_dir: Path | None) -> dict:
         r.sha256, r.short_hash = h["sha256"], h["short_hash"]
     family, _ = checkpoint_layout(resolve_model_path(recipe.models[0], host.search_dirs()))
     recipe.arch = family
-    payloads = read_payloads(config["payloads"], base_dir)
-    payloads, notes = resolve_seeds(payloads, config["optimizer"]["seed"])
+    notes: list[str] = []   # fields ignored by the importers, seeds fixed: logged with the run
+    payloads = read_payloads(config["payloads"], base_dir, notes)
+    payloads, seed_notes = resolve_seeds(payloads, config["optimizer"]["seed"])
+    notes += seed_notes
     if not [p for p in payloads if not p.holdout]:
         raise InputError("payloads: every payload is a holdout payload; at least one must score the trials.")
     config["resolved"] = {"recipe": recipe.to_dict(), "family": family,

@@ -116,6 +116,9 @@ class Run:
                              space=self.space.describe(), total=budget["trials"])
         self.echo(f"Run {self.log.folder.name}: {len(self.space.dims)} dimensions, "
                   f"{self.optimizer.name} optimiser, {len(self.records)}/{budget['trials']} trials done.")
+        if not self.records:
+            for note in self.config["resolved"].get("notes", []):
+                self.echo(f"note: {note}")
         try:
             while True:
                 while (len(pending) < pool.capacity and not self.stopped and not self._budget_spent(
