@@ -16,6 +16,15 @@ left as it was.
     POST /merge-lab/v1/generate   txt2img with the loaded model (hosts that generate): images as base64 PNG
     POST /merge-lab/v1/interrupt  stop the running merge
 
+AutoMBW (lib_merge/optimize/, docs/AUTOMBW.md): one run at a time per host, in the background.
+
+    POST /merge-lab/v1/optimize/start    a run config (as `optimize run` reads) -> {"ok", "run"}
+    GET  /merge-lab/v1/optimize/status   ?run=ID (default: the running one): state, trials, best, ETA
+    POST /merge-lab/v1/optimize/stop     stop the running run (within the current trial)
+    POST /merge-lab/v1/optimize/resume   {"run": ID}: continue a stopped or crashed run
+    GET  /merge-lab/v1/optimize/runs     the run folders, with their state
+    POST /merge-lab/v1/optimize/rate     {"ratings": [...]}: the manual scorer's ratings, one per image
+
 LoRA tools (lora/actions.py checks names and outputs as the tab does; LoRAs are names in the host's LoRA
 folder, given as "name:weight" texts or {"name": ..., "weight": 1, "weight_te": 1} objects):
 
@@ -152,9 +161,54 @@ def register_routes(app, host: Host, dependencies: list | None = None) -> None:
 
     routes = [("/methods", methods, "GET"), ("/models", models, "GET"), ("/status", status, "GET"),
               ("/merge", merge, "POST"), ("/save", save, "POST"), ("/restore", restore, "POST"),
-              ("/generate", generate, "POST"), ("/interrupt", interrupt, "POST")] + _lora_routes(host, guarded)
+              ("/generate", generate, "POST"), ("/interrupt", interrupt, "POST")] + _lora_routes(host, guarded) \
+        + _optimize_routes(host, guarded)
     for path, fn, method in routes:
         app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=dependencies or [])
+
+
+def _optimize_routes(host: Host, guarded) -> list:
+    """AutoMBW's routes (see the module docstring); the tab drives the same Runs."""
+    from fastapi import Body
+
+    def runs():
+        from .optimize.jobs import runs_for
+        return runs_for(host)
+
+    def start(body: dict = Body(...)):
+        def run():
+            if not isinstance(body, dict):
+                raise InputError("The request body must be a run config (a JSON object).")
+            return {"ok": True, "run": runs().start(body)}
+        return guarded(run)
+
+    def status(run: str = ""):
+        return guarded(lambda: {"ok": True, **runs().status(run or None)})
+
+    def stop():
+        return guarded(lambda: {"ok": True, "message": runs().stop()})
+
+    def resume(body: dict = Body(...)):
+        def run():
+            name = body.get("run") if isinstance(body, dict) else None
+            if not isinstance(name, str) or not name:
+                raise InputError("Give 'run': the run's folder name (GET /merge-lab/v1/optimize/runs lists them).")
+            return {"ok": True, "run": runs().resume(name)}
+        return guarded(run)
+
+    def run_list():
+        return guarded(lambda: {"ok": True, "runs": runs().list()})
+
+    def rate(body: dict = Body(...)):
+        def run():
+            ratings = body.get("ratings") if isinstance(body, dict) else None
+            if not isinstance(ratings, list):
+                raise InputError("Give 'ratings': a list of numbers, one per image.")
+            return {"ok": True, "message": runs().rate(ratings)}
+        return guarded(run)
+
+    return [("/optimize/start", start, "POST"), ("/optimize/status", status, "GET"), ("/optimize/stop", stop, "POST"),
+            ("/optimize/resume", resume, "POST"), ("/optimize/runs", run_list, "GET"), ("/optimize/rate", rate, "POST")]
 
 
 def _lora_routes(host: Host, guarded) -> list:

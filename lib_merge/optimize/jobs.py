@@ -175,3 +175,13 @@ class Runs:
             raise InputError("The running run has no manual scorer.")
         m.rate(ratings)
         return f"{len(ratings)} rating(s) taken."
+
+
+_RUNS: dict[int, Runs] = {}
+
+
+def runs_for(host) -> Runs:
+    """The one Runs of a host, shared by its tab and its HTTP API."""
+    if id(host) not in _RUNS:
+        _RUNS[id(host)] = Runs(host)
+    return _RUNS[id(host)]
