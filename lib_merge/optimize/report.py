@@ -3,8 +3,9 @@
 - convergence.png: each trial's score (failed trials marked on the axis), the best so far, and the holdout
   scores of the best trials beside their training scores — a holdout line that falls while training rises
   is the optimiser fitting the payloads rather than making better models;
-- blocks.png: the best trial's weight per block for each searched parameter, with the spread (min..max)
-  of the top trials behind it: narrow where the blocks matter, wide where they do not.
+- blocks.png: the best trial's weight per block for each searched parameter, the latest trial's (dashed),
+  and the spread (min..max) of the top trials behind them: narrow where the blocks matter, wide where
+  they do not.
 """
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ def draw_blocks(run, path) -> None:
             ax.fill_between(x, lows, highs, color=colour, alpha=0.15, step="mid",
                             label=f"{param}: top {len(top)} spread")
             ax.plot(x, top[0][param], "o-", color=colour, label=f"{param}: best (trial {ok[0]['trial']})")
+        if run.records and run.records[-1]["trial"] != ok[0]["trial"]:
+            latest = run.records[-1]
+            for i, (param, values) in enumerate(run.space.block_values(latest["params"]).items()):
+                ax.plot(x, values, "--", color=colours[i % len(colours)], alpha=0.6,
+                        label=f"{param}: latest (trial {latest['trial']})")
     searched = {b for s in run.space.searched for b in s.blocks}
     ax.set_xticks(x, names, rotation=90, fontsize=7)
     for label in ax.get_xticklabels():

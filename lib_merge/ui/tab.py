@@ -107,6 +107,10 @@ class MergeTab(Section):
                 from .lora_tab import LoraTools  # its own widgets, handlers and status lines (lora_tab.py)
                 generation = {n: self.c[n] for n in F.GENERATION_FIELDS}   # its XY plot uses the preview settings
                 self.lora_tools = LoraTools(self.host, generation)
+            with gr.Accordion("AutoMBW: search the block weights", open=False, elem_id=f"{ELEM}autombw"):
+                from .autombw_tab import AutoMBW  # its own widgets and handlers (autombw_tab.py)
+                form = {n: self.c[n] for n in self.fields}   # the starting recipe: the tab's settings
+                self.autombw = AutoMBW(self.host, form, self.archs)
             self._wire()
         return blocks
 
