@@ -24,7 +24,7 @@ def scorers_for(run: Run, *, device: str = "cpu", settings=None, echo: Callable[
             echo(f"warning: {message}")
 
     return build_scorers(run.config["scorer"], base_dir, device=device, warn=warn, cancel=lambda: run.stopped,
-                         **({"settings": settings} if settings else {}))
+                         settings=settings)
 
 
 def make_pool(run: Run, *, host=None, webui: str | None = None, auth: tuple[str, str] | None = None,

@@ -110,7 +110,7 @@ class Run:
         budget = self.config["budget"]
         elapsed0 = self.records[-1]["elapsed"] if self.records else 0.0
         started = time.monotonic()
-        pending: dict[int, dict] = {}          # trial -> params, running now
+        pending: dict[int, tuple[dict, Recipe]] = {}   # trial -> (params, candidate recipe), running now
         suggest_seconds: dict[int, float] = {}
         self.log.write_state(state="running", trials=len(self.records), optimizer=self.optimizer.describe(),
                              space=self.space.describe(), total=budget["trials"])
@@ -127,12 +127,12 @@ class Run:
                     if k is None:
                         break
                     t = time.monotonic()
-                    params = self.suggest(k, list(pending.values()))
+                    params = self.suggest(k, [p for p, _ in pending.values()])
                     if params is None:
                         break   # CMA-ES: the next generation waits for this one
                     suggest_seconds[k] = time.monotonic() - t
-                    pending[k] = params
-                    pool.submit(("trial", k), self.space.recipe_for(params), self.train, params)
+                    pending[k] = params, self.space.recipe_for(params)
+                    pool.submit(("trial", k), pending[k][1], self.train, params)
                 self.current = {"trials": sorted(pending)}
                 if not pending:
                     break
@@ -140,10 +140,11 @@ class Run:
                     (kind, k), outcome = pool.next_done()
                 except Interrupted:
                     break
-                params = pending.pop(k)
+                params, recipe = pending.pop(k)
                 if self.stopped and outcome.error is not None:
                     break   # interrupted in the middle: this trial is run again on resume
-                self._record(k, params, outcome, suggest_seconds.pop(k, 0.0), elapsed0 + time.monotonic() - started)
+                self._record(k, params, recipe, outcome, suggest_seconds.pop(k, 0.0),
+                             elapsed0 + time.monotonic() - started)
                 self._maybe_holdout()
         except Interrupted:
             pass
@@ -207,9 +208,9 @@ class Run:
             names.append(path.relative_to(self.log.folder).as_posix())
         return names
 
-    def _record(self, k: int, params: dict, outcome: Outcome, suggest_s: float, elapsed: float) -> None:
+    def _record(self, k: int, params: dict, recipe: Recipe, outcome: Outcome, suggest_s: float,
+                elapsed: float) -> None:
         from ..session import recipe_hash
-        recipe = self.space.recipe_for(params)
         if outcome.error is None:
             self.standardiser.add(outcome.raw)
         score, per_image, error = self._score(outcome, self.train)

@@ -175,7 +175,7 @@ class ManualScorer:
 
 def build_scorers(specs: list[dict], base_dir: Path | None, *, device: str = "cpu",
                   warn: Callable[[str], None] | None = None, cancel: Callable[[], bool] = lambda: False,
-                  settings: Callable[[str, Any], Any] = lambda name, default=None: default) -> list:
+                  settings: Callable[[str, Any], Any] | None = None) -> list:
     """The scorer objects, loaded once for the run (ImageReward's model folder: the config, else the setting)."""
     scorers = []
     try:
@@ -186,7 +186,7 @@ def build_scorers(specs: list[dict], base_dir: Path | None, *, device: str = "cp
                 scorers.append(ManualScorer(cancel))
             else:
                 from .imagereward import ImageRewardScorer
-                model = s.get("model") or settings("merge_lab_imagereward_dir", None) or None
+                model = s.get("model") or (settings and settings("merge_lab_imagereward_dir", None)) or None
                 if model and base_dir is not None and not Path(model).expanduser().is_absolute():
                     model = str(base_dir / model)
                 scorers.append(ImageRewardScorer(

@@ -44,10 +44,6 @@ class TrialWorker:
             host = StandaloneHost(models_dir=models_dir or "models", output_dir=output_dir, settings=settings)
             self.evaluator = Evaluator(host, scorers, keys, device=config["device"] or device)
 
-    def pid(self) -> int:
-        import os
-        return os.getpid()
-
     def evaluate(self, recipe: dict, payloads: list[dict], params: dict):
         from ..engine.recipe import Recipe
         from .payloads import Payload

@@ -20,7 +20,7 @@ import gradio as gr
 from ..core.errors import InputError, MergeError
 from ..host import Host
 from .form import ArchCache, recipe_from_form
-from .jobs import ELEM, background, failure_html, status_html
+from .jobs import ELEM, failure_html, status_html
 from .section import Section
 
 log = logging.getLogger("merge_lab.ui")
@@ -369,11 +369,10 @@ class AutoMBW(Section):
     def _after_run(self, fn):
         if self.runs.busy:
             return {"am_status": status_html("error", "A run is going on: stop it first.")}
-        result = None
-        for done, result in background(fn):
-            pass
-        if isinstance(result, BaseException):
-            return {"am_status": failure_html(result)}
+        try:   # gradio runs handlers in a worker thread: the page stays responsive while this merges
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - a MergeError's message, or a bug said so, in the section
+            return {"am_status": failure_html(e)}
         return {"am_status": status_html("ok" if result.ok else "error", result.message)}
 
     def on_apply(self, v: dict) -> dict:
