@@ -6,6 +6,7 @@ Skipped only when /usr/bin/chromium is missing and tools/browser.sh cannot insta
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -41,13 +42,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def app(tiny, tmp_path):
-    """The standalone app serving a models folder with two tiny SD1 models; yields (url, output folder)."""
-    models, out = tmp_path / "models", tmp_path / "outputs"
-    models.mkdir()
-    for name in ("sd1_a", "sd1_b"):
-        shutil.copy(tiny.path[name], models / f"{name}.safetensors")
+@contextlib.contextmanager
+def _serve(models: Path, tmp_path: Path):
+    """The standalone app over a models folder on a free port; yields (url, output folder)."""
+    out = tmp_path / "outputs"
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT),
            "MERGE_LAB_CACHE": str(tmp_path / "cache"), "NO_PROXY": "127.0.0.1,localhost"}
@@ -80,6 +78,29 @@ def app(tiny, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def _models_folder(tmp_path: Path, sources: dict[str, Path]) -> Path:
+    models = tmp_path / "models"
+    models.mkdir()
+    for name, source in sources.items():
+        shutil.copy(source, models / f"{name}.safetensors")
+    return models
+
+
+@pytest.fixture
+def app(tiny, tmp_path):
+    """The standalone app serving a models folder with two tiny SD1 models; yields (url, output folder)."""
+    with _serve(_models_folder(tmp_path, {n: tiny.path[n] for n in ("sd1_a", "sd1_b")}), tmp_path) as served:
+        yield served
+
+
+@pytest.fixture
+def runnable_app(runnable_models, tmp_path):
+    """The standalone app over the two runnable demo models r1, r2 (diffusers generates with them)."""
+    sources = {n: runnable_models / f"{n}.safetensors" for n in ("r1", "r2")}
+    with _serve(_models_folder(tmp_path, sources), tmp_path) as served:
+        yield served
 
 
 def _choose(page, elem_id: str, option: str) -> None:
@@ -146,3 +167,82 @@ def test_merge_and_save_in_the_browser(app, tmp_path):
     assert saved["params"] == shown["params"] == {"alpha": 0.3}
     assert [m["name"] for m in saved["models"]] == ["sd1_a.safetensors", "sd1_b.safetensors"]
     assert [m["sha256"] for m in saved["models"]] == [m["sha256"] for m in shown["models"]]
+
+
+SCORER = "def s(images, payloads, params):\n    return [-(params['alpha.M00'] - 0.25) ** 2] * len(images)\n"
+PAYLOADS = "- prompt: a cat\n  seed: 7\n  steps: 2\n  width: 64\n  height: 64\n  sampler: Euler a\n"
+
+
+def test_autombw_section_in_the_browser(runnable_app, tmp_path):
+    """Load payloads from a file, set the space, budget and a plug-in scorer, Start, watch the run to its end
+    (status, plots, the latest image), reload the page and Watch again, then Save best."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, out = runnable_app
+    (tmp_path / "sc.py").write_text(SCORER)
+    (tmp_path / "payloads.yaml").write_text(PAYLOADS)
+    scorer = f"python:{tmp_path / 'sc.py'}:s"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(20000)
+            page.goto(url)
+            page.wait_for_selector("#merge_lab_merge")
+            _choose(page, "merge_lab_model_a", "r1.safetensors")
+            _choose(page, "merge_lab_model_b", "r2.safetensors")
+            page.click("#merge_lab_autombw .label-wrap")
+            status = _el(page, "merge_lab_am_status")
+
+            page.set_input_files("#merge_lab_am_payload_file input[type=file]", str(tmp_path / "payloads.yaml"))
+            expect(status).to_contain_text("Loaded 1 payload(s).")
+            expect(page.locator("#merge_lab_am_payloads")).to_contain_text("a cat")
+
+            page.fill("#merge_lab_am_blocks textarea", "M00 IN04")
+            page.fill("#merge_lab_am_trials input", "3")
+            page.press("#merge_lab_am_trials input", "Tab")
+            page.fill("#merge_lab_am_scorer input", scorer)
+            page.press("#merge_lab_am_scorer input", "Enter")
+            page.click("#merge_lab_am_start")
+            expect(status).to_contain_text("3 of 3 trials done", timeout=180000)
+            expect(status).to_contain_text("Run done")
+            expect(page.locator("#merge_lab_am_config")).to_contain_text('"name": "autombw"')  # (CodeMirror draws only the top lines)
+            expect(page.locator("#merge_lab_am_gallery img").first).to_be_visible()
+            expect(page.locator("#merge_lab_am_convergence img")).to_be_visible()
+
+            # a reloaded page shows the run again on Watch
+            page.reload()
+            page.wait_for_selector("#merge_lab_merge")
+            page.click("#merge_lab_autombw .label-wrap")
+            page.click("#merge_lab_am_watch")
+            expect(_el(page, "merge_lab_am_status")).to_contain_text("3 of 3 trials done")
+            if SCREENSHOT_DIR:
+                Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(Path(SCREENSHOT_DIR) / "autombw.png"), full_page=True)
+
+            page.fill("#merge_lab_am_save_name textarea", "browser_best")
+            page.click("#merge_lab_am_save")
+            expect(_el(page, "merge_lab_am_status")).to_contain_text("Saved browser_best.safetensors",
+                                                                        timeout=60000)
+        finally:
+            browser.close()
+
+    (log_file,) = out.rglob("trials.jsonl")
+    run = log_file.parent
+    trials = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [t["trial"] for t in trials] == [0, 1, 2]
+    assert all(set(t["params"]) == {"alpha.M00", "alpha.IN04"} for t in trials)
+    for t in trials:   # the plug-in scorer's formula, by hand
+        assert t["score"] == pytest.approx(-(t["params"]["alpha.M00"] - 0.25) ** 2)
+    config = json.loads((run / "config.json").read_text())
+    assert [(sc["name"], sc["kind"]) for sc in config["scorer"]] == [(scorer, "python")]
+    assert config["payloads"][0]["prompt"] == "a cat" and config["payloads"][0]["width"] == 64
+    best = json.loads((run / "best.json").read_text())
+    assert best["score"] == max(t["score"] for t in trials)
+    from lib_merge.core.files import SafetensorsFile
+    from lib_merge.engine.recipe import METADATA_KEY
+    with SafetensorsFile(out / "browser_best.safetensors") as f:
+        saved = json.loads(f.metadata[METADATA_KEY])
+    assert saved["method"] == "weighted_sum"
+    from lib_merge.core.arch import block_names
+    assert saved["blocks"]["alpha"][block_names("sd1").index("M00")] == pytest.approx(best["params"]["alpha.M00"])

@@ -213,7 +213,8 @@ class AutoMBW(Section):
             F("am_holdout_every", gr.Number(value=0, precision=0, label="Holdout every N trials (0: at the end)"))
         with gr.Row():
             F("am_finish", gr.Radio(["apply best", "restore original"], value="apply best", label="At the end"))
-            F("am_save_name", gr.Textbox(label="Save the best as (empty: don't)", placeholder="best_merge"))
+            F("am_save_name", gr.Textbox(label="Save the best as (empty: don't)", placeholder="best_merge",
+                                           elem_id=f"{ELEM}am_save_name"))
         with gr.Row():
             self._show("am_start", gr.Button("Start", variant="primary", elem_id=f"{ELEM}am_start"))
             self._show("am_stop", gr.Button("Stop", variant="stop", elem_id=f"{ELEM}am_stop"))
