@@ -517,3 +517,25 @@ def test_threads_and_chunks_give_identical_bytes(tiny, tmp_path):
     k = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"  # 1544 x 24: chunked
     want = torch.lerp(tiny.state["sd1_a"][k], tiny.state["sd1_b"][k], 0.37).half()
     assert torch.equal(loaded[k], want)
+
+
+def test_a_host_that_replaced_torch_load_does_not_stop_reading_a_ckpt(tiny, tmp_path, monkeypatch):
+    """The WebUI's modules.safe swaps torch.load for a checker that returns None on files written by recent
+    torch, keeping the original as unsafe_torch_load; we read through the original (still weights_only)."""
+    import sys
+    import types
+
+    from lib_merge.core.files import torch_load_weights
+    path = tmp_path / "a.ckpt"
+    torch.save({"state_dict": tiny.state["sd1_a"]}, path)
+    safe = types.ModuleType("modules.safe")
+    safe.unsafe_torch_load = torch.load
+    monkeypatch.setitem(sys.modules, "modules.safe", safe)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: None)   # what the WebUI's check gives such a file
+    with open_model(path) as m:
+        assert torch.equal(m.read(UNET_KEY), tiny.state["sd1_a"][UNET_KEY])
+    # still torch's restricted unpickler: a pickle that needs code to load is refused
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(1), "f": types.SimpleNamespace(x=1)}, evil)
+    with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+        torch_load_weights(evil)

@@ -222,6 +222,18 @@ class SafetensorsFile(ModelFile):
             pass
 
 
+def torch_load_weights(path: str | os.PathLike, **kwargs):
+    """torch.load(path, weights_only=True): torch's own restricted unpickler (tensors and plain containers).
+
+    A host may have replaced torch.load with a check of its own: the A1111 WebUI's modules.safe rejects files
+    written by recent torch (their '.format_version' entry) and then returns None. It keeps the original as
+    modules.safe.unsafe_torch_load; called with weights_only=True that is at least as strict, so we call it.
+    """
+    import sys
+    load = getattr(sys.modules.get("modules.safe"), "unsafe_torch_load", None) or torch.load
+    return load(path, map_location="cpu", weights_only=True, **kwargs)
+
+
 class PickleCheckpoint(ModelFile):
     """A .ckpt/.pt/.bin checkpoint, loaded only with torch.load(weights_only=True).
 
@@ -234,11 +246,11 @@ class PickleCheckpoint(ModelFile):
         where = f"'{self.path.name}'"
         try:
             try:
-                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                obj = torch_load_weights(self.path, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
-                obj = torch.load(self.path, map_location="cpu", weights_only=True)
+                obj = torch_load_weights(self.path)
         except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, zipfile errors...
             text = str(e)
             if "Weights only load failed" in text or "Unsupported global" in text or "GLOBAL" in text:

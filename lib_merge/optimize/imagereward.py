@@ -49,6 +49,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..core.errors import CorruptFileError, InputError, UnsafeFileError
+from ..core.files import torch_load_weights
 
 HUB_REPO = "THUDM/ImageReward"
 CHECKPOINT_NAMES = ("ImageReward.pt", "ImageReward.safetensors")
@@ -246,7 +247,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load_weights(path)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError, zipfile and safetensors errors...
         text = str(e)
         if "Weights only load failed" in text or "Unsupported global" in text:
