@@ -12,8 +12,10 @@ flags) are passed through.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.imagereward_fixture import imagereward_folder  # noqa: F401  (a pytest fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBUI_DIR = os.environ.get("WEBUI_DIR")
@@ -47,6 +51,7 @@ class WebUI:
         self.cmd = [python, "launch.py", *args, *extra_args, "--port", str(self.port)]
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=600)
         self.proc = None
+        self.python = python
 
     def start(self, timeout: float = 420) -> None:
         if not self.link.exists():
@@ -117,6 +122,33 @@ def _make_sd1_lora(path: Path) -> Path:
         up = torch.randn(out, 4, *([1, 1] if len(shape) == 4 else []), generator=g) * 0.5
         modules[name] = (down, up, 4.0)
     return save_kohya(modules, path, family="sd1")
+
+
+def _freeze(python: str) -> dict[str, str]:
+    p = subprocess.run([python, "-m", "pip", "freeze", "--all"], capture_output=True, text=True, check=True)
+    return {line.split("==")[0].lower().replace("_", "-"): line.split("==")[1]
+            for line in p.stdout.splitlines() if "==" in line}
+
+
+def test_install_py_keeps_the_webui_venv_consistent():
+    """install.py run as the WebUI runs it (its venv's python, the WebUI on PYTHONPATH): whatever it adds,
+    no package the WebUI had moves (timm alone may, for ImageReward), `pip check` stays clean, and the
+    ImageReward files our scorer loads are there. Installs from the package index when something is missing."""
+    folder = Path(WEBUI_DIR)
+    python = os.environ.get("WEBUI_PYTHON") or str(folder / "venv" / "bin" / "python")
+    before = _freeze(python)
+    env = dict(os.environ, PYTHONPATH=f"{folder}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    p = subprocess.run([python, str(ROOT / "install.py")], cwd=folder, env=env, capture_output=True, text=True,
+                       timeout=1800)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    assert "could not install" not in p.stdout, p.stdout
+    after = _freeze(python)
+    moved = {n: (v, after.get(n)) for n, v in before.items() if after.get(n) != v and n != "timm"}
+    assert not moved, f"install.py changed the WebUI's packages: {moved}"
+    check = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for dist in ("image-reward", "bayesian-optimization", "cma", "pyyaml", "matplotlib"):
+        assert dist in after, f"{dist} is not installed in the WebUI's venv"
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +272,58 @@ def test_lora_bake_into_the_model_and_lora_xy_plot(webui):
         "strength 0 is the bare checkpoint"
     after = webui.txt2img()
     assert after["sd_model_name"] == before["sd_model_name"] and "Merge Lab recipe" not in after["infotexts"][0]
+
+
+def test_autombw_run_through_the_api_in_the_webui(webui, imagereward_folder):  # noqa: F811
+    """A short AutoMBW run in the real WebUI over our API: two searched blocks, three trials, each a re-merge
+    into the WebUI's model, a 64x64 two-step image from its pipeline and a score from ImageReward's own code
+    (a randomly initialised model, built offline); then the run folder, the best merge loaded, and restore."""
+    http = webui.http
+    listed = http.get("/merge-lab/v1/models").json()["models"]
+    wanted = os.environ.get("WEBUI_MODELS")
+    names = wanted.split(",") if wanted else listed[:2]
+    models = [next(t for t in listed if t.startswith(n)) for n in names]
+    original = webui.txt2img()["sd_model_name"]
+    config = {"name": "webui-test", "models": models, "space": {"alpha": ["M00", "IN04"]},
+              "optimizer": {"name": "bayes", "seed": 0, "init_points": 2}, "budget": {"trials": 3},
+              "payloads": [{k: v for k, v in GENERATION.items()}],
+              "scorer": {"name": "imagereward", "model": str(imagereward_folder), "sigmoid": True}}
+    bad = http.post("/merge-lab/v1/optimize/start", json={**config, "space": {"alpha": ["IN99"]}})
+    assert bad.status_code == 400 and "IN99" in bad.json()["message"]
+    log_from = len(webui.log_path.read_text(errors="replace"))
+    r = http.post("/merge-lab/v1/optimize/start", json=config)
+    assert r.status_code == 200 and r.json()["ok"], r.text
+    run = r.json()["run"]
+    deadline = time.monotonic() + 900
+    while True:
+        status = http.get("/merge-lab/v1/optimize/status", params={"run": run}).json()
+        if status["state"] in ("done", "stopped", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert status["state"] == "done" and status["trials"] == 3 and status["failed"] == 0, status
+
+    folder = Path(status["folder"])
+    assert folder.parent == Path(WEBUI_DIR) / "models" / "Stable-diffusion" / "autombw" and folder.name == run
+    try:
+        rows = [json.loads(line) for line in (folder / "trials.jsonl").read_text().splitlines()]
+        assert [r["trial"] for r in rows] == [0, 1, 2] and all(r["status"] == "ok" for r in rows), rows
+        for row in rows:
+            assert set(row["params"]) == {"alpha.M00", "alpha.IN04"}
+            assert all(0 <= v <= 1 for v in row["params"].values())
+            raw = row["raw"]["imagereward"]
+            assert len(raw) == 1 and math.isfinite(raw[0]) and 0 < raw[0] < 1 and row["score"] == raw[0]
+            assert all((folder / image).is_file() for image in row["images"])
+        best = json.loads((folder / "best.json").read_text())
+        top = max(rows, key=lambda r: r["score"])
+        assert best["trial"] == top["trial"] and best["score"] == top["score"] and best["params"] == top["params"]
+        assert (folder / "convergence.png").is_file() and (folder / "blocks.png").is_file()
+
+        # the run ends with the best merge in the WebUI's model (finish: apply), the next image names it
+        loaded = http.get("/merge-lab/v1/status").json()["loaded"]
+        assert loaded is not None and json.loads(loaded["recipe"])["blocks"] == best["recipe"]["blocks"]
+        assert webui.txt2img()["sd_model_hash"] == loaded["short_hash"]
+        assert http.post("/merge-lab/v1/restore").json()["ok"]
+        assert webui.txt2img()["sd_model_name"] == original
+        assert "Traceback" not in webui.log_path.read_text(errors="replace")[log_from:]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
