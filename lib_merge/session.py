@@ -157,7 +157,8 @@ def restore(host: Host) -> MergeSummary:
             host.restore()
     except MergeError as e:
         return MergeSummary(False, str(e))
-    return MergeSummary(True, "Original model restored.")
+    return MergeSummary(True, "Original model restored." if host.has_original_model
+                        else "The merge was dropped from memory.")
 
 
 def status(host: Host) -> dict:

@@ -154,8 +154,17 @@ def test_merge_and_save_in_the_browser(app, tmp_path):
             page.fill("#merge_lab_save_name textarea", "../escape")
             page.click("#merge_lab_save")
             expect(_el(page, "merge_lab_status")).to_contain_text("not a plain file name", timeout=30000)
+
+            # a reload shows what the app has now: the merge in memory, the way back, the saved file offered
+            page.reload()
+            page.wait_for_selector("#merge_lab_merge")
+            expect(_el(page, "merge_lab_current")).to_contain_text("weighted_sum(sd1_a, sd1_b)")
+            expect(page.locator("#merge_lab_restore")).to_be_visible()
+            page.click("#merge_lab_model_a input")
+            expect(page.locator("#merge_lab_model_a ul.options")).to_contain_text("(output)/browser merge.safetensors")
         finally:
             browser.close()
+    assert "undeclared outputs" not in (tmp_path / "app.log").read_text()
 
     from lib_merge.core.files import SafetensorsFile
     from lib_merge.engine.recipe import METADATA_KEY

@@ -69,8 +69,10 @@ def test_section_is_built_in_the_tab_with_the_lora_and_checkpoint_lists(setup):
     assert lists["lora_info_name"] == lists["lora_merge_add"] == ["one.safetensors", "sub/two.safetensors"]
     assert lists["lora_bake_ckpt"] == ["sd1_a.safetensors", "sd1_b.safetensors"]
     from lib_merge.ui.form import GENERATION_FIELDS
-    assert all(n.startswith("lora_") or n in GENERATION_FIELDS for n in tools.c)
+    from lib_merge.ui.tab import PAGE_FIELDS
+    assert all(n.startswith("lora_") or n in GENERATION_FIELDS or n in PAGE_FIELDS for n in tools.c)
     assert all(tools.c[n] is tab.c[n] for n in GENERATION_FIELDS)   # the plot reads the tab's preview widgets
+    assert all(tools.c[n] is tab.c[n] for n in PAGE_FIELDS)         # its jobs update the tab's current merge line
     # labels the WebUI would save in ui-config.json do not clash with the tab's (nor with each other)
     labels = [tools.c[n].label for n in tools.fields if n not in GENERATION_FIELDS] + [
         tab.c[n].label for n in tab.fields
@@ -192,7 +194,9 @@ def test_bake_writes_a_checkpoint_with_the_lora_added(setup, tiny):
         assert RECIPE_KEY in mf.metadata
     want = tiny.state["sd1_a"][key] + 0.5 * hand_delta(mods["one"][SD1["to_k"]])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert "baked.safetensors" not in host.list_checkpoints()  # the output folder is not the models folder
+    # a baked checkpoint is offered at once (from the output folder); LoRAs written there are not
+    assert "(output)/baked.safetensors" in host.list_checkpoints()
+    assert not [n for n in host.list_checkpoints() if n.startswith("(output)/") and "lora" in n.lower()]
 
     # LBW: a preset fills the text; a text that does not fit is told before any work
     assert tools.on_bake_preset(form(tools, lora_bake_preset="INS"))["lora_bake_lbw"]["value"] == "INS"

@@ -75,7 +75,11 @@ def test_start_watch_to_the_end_with_plots_images_and_the_best_applied(section, 
     saved = json.loads((runs.run.log.folder / "config.json").read_text())
     assert saved["space"] == shown["space"] and "resolved" in saved
     # Restore, then Apply best (from the run folder)
-    assert "restored" in text(tab.autombw.on_restore({})["am_status"])
+    # the tab's current-merge line follows: the best merge after the run, nothing after the restore
+    assert f"hash `{best['recipe_hash']}`" in final["current"]["value"] and final["restore"]["visible"]
+    restored = tab.autombw.on_restore({})
+    assert "dropped from memory" in text(restored["am_status"])
+    assert restored["current"]["value"] == "No merge in memory yet." and not restored["restore"]["visible"]
     assert previewing_host.loaded is None
     applied = tab.autombw.on_apply({"am_run": runs.run.log.folder.name})
     assert "Merged" in text(applied["am_status"]) and previewing_host.loaded.short_hash == best["recipe_hash"]

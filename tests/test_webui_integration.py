@@ -169,6 +169,9 @@ def test_tab_routes_merge_generate_restore(webui):
     labels = [c.get("props", {}).get("label") for c in config["components"]]
     elem_ids = [c.get("props", {}).get("elem_id") for c in config["components"]]
     assert any(e and "merge_lab_tab" in e for e in elem_ids) and "Merge" in labels, "the Merge tab is registered"
+    # the tab refreshes what it shows about the WebUI on every page load (its Blocks' load event, rendered in)
+    current = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "merge_lab_current")
+    assert any(d.get("trigger") == "load" and current in d["outputs"] for d in config["dependencies"])
 
     methods = http.get("/merge-lab/v1/methods").json()
     assert {"weighted_sum", "ties", "geometric_median"} <= {m["name"] for m in methods}

@@ -28,6 +28,7 @@ class Host:
     can_generate = False          # whether generate() works here (the WebUI: yes)
     has_live_model = False        # whether live_target() writes into a model that generates images
     can_make_demo_models = False  # whether create_demo_models() works (the standalone app)
+    has_original_model = False    # whether restore() puts back a checkpoint the host loaded itself (the WebUI)
     lora_dir: Path | None = None  # the folder list_loras() lists (relative names)
     font_file: str | None = None  # a TrueType font for XY plot labels (the WebUI's Roboto)
 
@@ -84,8 +85,13 @@ class Host:
         """Record what the live model now holds (the WebUI also labels its infotext with it)."""
         self.loaded = merged
 
+    @property
+    def restore_label(self) -> str:
+        """What restore() does, in the page's words (its button)."""
+        return "Restore original model" if self.has_original_model else "Forget the merge"
+
     def restore(self) -> None:
-        """Put the original weights back."""
+        """Put the original weights back (where there are none: forget the merge in memory)."""
         self.loaded = None
         self.current_state = None
 
@@ -107,6 +113,10 @@ class Host:
 
     def end_job(self) -> None:
         pass
+
+    def job_progress(self) -> tuple[float, str]:
+        """(fraction, text) of the running job for the page: a merge's tensor, a generation's step."""
+        return self.last_progress
 
     def interrupt(self) -> None:
         self._interrupt.set()

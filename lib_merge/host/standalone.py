@@ -5,7 +5,8 @@ a diffusers UNet / VAE / text encoder(s) built from the merge's shapes (lib_merg
 generates previews; re-merges after slider changes rewrite only the changed tensors (engine.live.LiveCache).
 A model diffusers cannot run is merged into a plain state dict instead, with a note. Restore drops it.
 Names are file paths relative to the models folder, as the WebUI shows its checkpoints; anything else
-is refused, so a name can never reach outside the folder.
+is refused, so a name can never reach outside the folder. Checkpoints saved in the output folder (merges,
+bakes) are listed too, as `(output)/NAME`, so merges chain (A+B -> AB, then AB+C) without moving files.
 """
 from __future__ import annotations
 
@@ -21,6 +22,21 @@ from . import Host, LoadedMerge
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_DIR = "Lora"   # the WebUI's folder name for LoRAs (models/Lora)
+OUTPUT_PREFIX = "(output)/"   # names of checkpoints listed from the output folder
+UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether a file of the output folder is a checkpoint (a UNet inside), not a LoRA, mask or weight set:
+    from the safetensors header alone; .ckpt files are taken as checkpoints."""
+    if path.suffix.lower() != ".safetensors":
+        return True
+    from ..core.files import SafetensorsFile
+    try:
+        with SafetensorsFile(path) as f:
+            return any(k.startswith(UNET_PREFIXES) for k in f.tensors)
+    except Exception:  # noqa: BLE001 - an unreadable file is not offered; opening it would say why
+        return False
 
 
 class StandaloneHost(Host):
@@ -42,6 +58,7 @@ class StandaloneHost(Host):
         self.output_folder = Path(output_dir).expanduser().resolve()
         self.settings: dict[str, Any] = dict(settings or {})
         self._checkpoints: dict[str, Path] | None = None
+        self._kinds: dict[tuple, bool] = {}   # (path, size, mtime) -> is a checkpoint, for the output folder
         self._lock = threading.Lock()
         self.live_cache = LiveCache(int(self.settings.get("merge_lab_cache_mb", 4096)) << 20)
 
@@ -58,7 +75,17 @@ class StandaloneHost(Host):
 
     def list_checkpoints(self, refresh: bool = False) -> list[str]:
         if self._checkpoints is None or refresh:
-            self._checkpoints = self._scan(self.models_dir, skip=self.lora_dir)
+            found = self._scan(self.models_dir, skip=self.lora_dir)
+            out = self.output_folder
+            if not out.is_relative_to(self.models_dir) and out.is_dir():
+                for rel, p in self._scan(out, skip=self.lora_dir).items():
+                    st = p.stat()
+                    key = (p, st.st_size, st.st_mtime_ns)
+                    if key not in self._kinds:
+                        self._kinds[key] = is_checkpoint_file(p)
+                    if self._kinds[key]:
+                        found[OUTPUT_PREFIX + rel] = p
+            self._checkpoints = found
         return list(self._checkpoints)
 
     def resolve_checkpoint(self, name: str) -> Path:
@@ -74,8 +101,8 @@ class StandaloneHost(Host):
             same = [p for n, p in found.items() if Path(n).name == name]
             if len(same) == 1:
                 return same[0]
-        raise InputError(f"Unknown model '{name}': it is not in the models folder {self.models_dir}. "
-                         f"Put the file there and press the refresh button.")
+        raise InputError(f"Unknown model '{name}': it is not in the models folder {self.models_dir} nor among "
+                         f"the checkpoints saved in the output folder. Put the file there and press Refresh lists.")
 
     def list_loras(self, refresh: bool = False) -> list[str]:
         return list(self._scan(self.lora_dir, skip=None))

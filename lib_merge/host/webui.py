@@ -49,6 +49,7 @@ class WebUIHost(Host):
     name = "webui"
     can_generate = True
     has_live_model = True
+    has_original_model = True
 
     def __init__(self):
         from ..engine.live import LiveCache
@@ -223,8 +224,12 @@ class WebUIHost(Host):
             height=request.height, sampler_name=request.sampler, batch_size=request.batch_size, n_iter=1,
             do_not_save_samples=True, do_not_save_grid=True)
         add_recipe_to_infotext(p, self.loaded)
-        with contextlib.closing(p):
-            processed = processing.process_images(p)
+        self._generating = True   # the WebUI's sampler counts the steps in shared.state (job_progress)
+        try:
+            with contextlib.closing(p):
+                processed = processing.process_images(p)
+        finally:
+            self._generating = False
         return GenerationResult(list(processed.images), list(processed.infotexts))
 
     # ------------------------------------------------------------------------- progress and exclusivity
@@ -246,6 +251,14 @@ class WebUIHost(Host):
     def end_job(self) -> None:
         from modules import shared
         shared.state.end()
+
+    def job_progress(self) -> tuple[float, str]:
+        from modules import shared
+        steps = getattr(shared.state, "sampling_steps", 0) or 0
+        if getattr(self, "_generating", False) and steps:
+            step = min(int(getattr(shared.state, "sampling_step", 0) or 0), steps)
+            return step / steps, f"Step {step}/{steps}"
+        return super().job_progress()
 
     def interrupt(self) -> None:
         from modules import shared

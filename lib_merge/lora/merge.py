@@ -299,7 +299,7 @@ def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "c
             detail = ", ".join(f"'{names[i]}' rank {m.rank}" for i, m in zip(idx, mods))
             raise RankMismatchError(
                 f"Mode '{mode}' merges the up/down factors, which needs equal ranks, but module {name} has "
-                f"{detail}. Use --mode concat (exact, ranks add up) or the SVD merge (`lora merge-svd`, any ranks).")
+                f"{detail}. Use the concat mode (exact, ranks add up) or the SVD merge (any ranks).")
         gen_d = generator_for(seed, name + ".lora_down", "lora_merge") if mode.startswith("dare") else None
         gen_u = generator_for(seed, name + ".lora_up", "lora_merge") if mode.startswith("dare") else None
         down = combine(downs, w_down, mode, density=density, majority=majority, gen=gen_d)

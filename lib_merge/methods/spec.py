@@ -114,9 +114,9 @@ class MethodSpec:
             raise InputError(f"{self.name} takes {len(self.inputs)} models ({', '.join(self.inputs)}), got {n_models}.")
         if self.base == "required" and not has_base:
             raise InputError(f"{self.name} needs a base model (the model the others were fine-tuned from, "
-                             f"e.g. SD1.5 itself): give --base.")
+                             f"e.g. SD1.5 itself): give one as the base model.")
         if self.base == "none" and has_base:
-            raise InputError(f"{self.name} does not use a base model: leave --base out.")
+            raise InputError(f"{self.name} does not use a base model: leave the base model empty.")
 
     @property
     def blockwise_params(self) -> list[str]:

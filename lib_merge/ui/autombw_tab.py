@@ -14,6 +14,7 @@ import logging
 import re
 import time
 from pathlib import Path
+from typing import Callable
 
 import gradio as gr
 
@@ -143,11 +144,18 @@ def config_from_form(host: Host, v: dict, archs: ArchCache) -> dict:
 class AutoMBW(Section):
     """The section's widgets (self.c) and handlers; `form` are the Merge tab's widgets (the starting recipe)."""
 
-    def __init__(self, host: Host, form: dict, archs: ArchCache):
+    def __init__(self, host: Host, form: dict, archs: ArchCache, page: dict | None = None,
+                 page_updates: Callable[[], dict] | None = None):
+        """`form`: the Merge tab's fields (the starting recipe); `page` and `page_updates`: the tab's
+        host-derived widgets (current merge, restore, model lists), updated when a run or a button changes them."""
         super().__init__()
         self.host, self.archs = host, archs
         for name, component in form.items():
             self._field(name, component)
+        for name, component in (page or {}).items():
+            self._show(name, component)
+        self.page_fields = list(page or {})
+        self.page_updates = page_updates or (lambda: {})
         self._drawn: tuple | None = None
         self._build()
         self._wire()
@@ -212,7 +220,8 @@ class AutoMBW(Section):
             F("am_tolerance", gr.Number(value=0, label="Tolerance"))
             F("am_holdout_every", gr.Number(value=0, precision=0, label="Holdout every N trials (0: at the end)"))
         with gr.Row():
-            F("am_finish", gr.Radio(["apply best", "restore original"], value="apply best", label="At the end"))
+            undo = "restore original" if self.host.has_original_model else "forget the merge"
+            F("am_finish", gr.Radio(["apply best", undo], value="apply best", label="At the end"))
             F("am_save_name", gr.Textbox(label="Save the best as (empty: don't)", placeholder="best_merge",
                                            elem_id=f"{ELEM}am_save_name"))
         with gr.Row():
@@ -239,24 +248,24 @@ class AutoMBW(Section):
         with gr.Row():
             self._show("am_apply", gr.Button("Apply best", elem_id=f"{ELEM}am_apply"))
             self._show("am_save", gr.Button("Save best", elem_id=f"{ELEM}am_save"))
-            self._show("am_restore", gr.Button("Restore original", elem_id=f"{ELEM}am_restore"))
+            self._show("am_restore", gr.Button(self.host.restore_label, elem_id=f"{ELEM}am_restore"))
         self._show("am_config", gr.Code(language="json", label="The run's config (optimize run reads it)",
                                         interactive=False, elem_id=f"{ELEM}am_config"))
 
     def _wire(self) -> None:
         c = self.c
         quick = dict(queue=False, show_progress="hidden")
-        watch_out = ["am_status", "am_convergence", "am_blocks_plot", "am_gallery", "am_run"]
+        watch_out = ["am_status", "am_convergence", "am_blocks_plot", "am_gallery", "am_run", *self.page_fields]
         self._on(c["am_start"].click, self.on_start, None, ["am_config", *watch_out], show_progress="hidden")
         self._on(c["am_watch"].click, self.on_watch, [], watch_out, show_progress="hidden")
         self._on(c["am_resume"].click, self.on_resume, ["am_run"], watch_out, show_progress="hidden")
         self._on(c["am_stop"].click, self.on_stop, [], ["am_status"], **quick)
         self._on(c["am_runs_refresh"].click, self.on_refresh_runs, [], ["am_run"], **quick)
         self._on(c["am_rate"].click, self.on_rate, ["am_ratings"], ["am_status", "am_ratings"], **quick)
-        self._on(c["am_apply"].click, self.on_apply, ["am_run"], ["am_status"], show_progress="minimal")
-        self._on(c["am_save"].click, self.on_save_best, ["am_run", "am_save_name"], ["am_status"],
-                 show_progress="minimal")
-        self._on(c["am_restore"].click, self.on_restore, [], ["am_status"], show_progress="minimal")
+        after = ["am_status", *self.page_fields]
+        self._on(c["am_apply"].click, self.on_apply, ["am_run"], after, show_progress="minimal")
+        self._on(c["am_save"].click, self.on_save_best, ["am_run", "am_save_name"], after, show_progress="minimal")
+        self._on(c["am_restore"].click, self.on_restore, [], after, show_progress="minimal")
         self._on(c["am_payload_file"].upload, self.on_load_payloads, ["am_payload_file"], ["am_payloads", "am_status"],
                  **quick)
         self._on(c["am_payload_save"].click, self.on_save_payloads, ["am_payloads", "am_payload_name"],
@@ -295,7 +304,7 @@ class AutoMBW(Section):
             if not self.runs.busy:
                 final = self.watch_once(None)
                 final.pop("_seen", None)
-                yield {**final, "am_run": gr.update(choices=self._run_choices())}
+                yield {**final, "am_run": gr.update(choices=self._run_choices()), **self.page_updates()}
                 return
             time.sleep(WATCH_SECONDS)
 
@@ -374,7 +383,7 @@ class AutoMBW(Section):
             result = fn()
         except Exception as e:  # noqa: BLE001 - a MergeError's message, or a bug said so, in the section
             return {"am_status": failure_html(e)}
-        return {"am_status": status_html("ok" if result.ok else "error", result.message)}
+        return {"am_status": status_html("ok" if result.ok else "error", result.message), **self.page_updates()}
 
     def on_apply(self, v: dict) -> dict:
         from .. import session

@@ -85,14 +85,21 @@ def info_markdown(info: dict) -> str:
 class LoraTools(Section):
     """The section's widgets (self.c, by field name) and handlers; built inside the current gr.Blocks."""
 
-    def __init__(self, host: Host, generation: dict | None = None):
+    def __init__(self, host: Host, generation: dict | None = None, page: dict | None = None,
+                 page_updates: Callable[[], dict] | None = None):
         """`generation`: the Merge tab's preview widgets by name (prompt, negative, gen_seed, steps, cfg, width,
-        height, sampler), which the LoRA XY plot reads as its own fields."""
+        height, sampler), which the LoRA XY plot reads as its own fields. `page`: the tab's host-derived widgets
+        (current merge line, restore button, model lists) and `page_updates` their updates, which the actions
+        that change the loaded model or the files return."""
         super().__init__()
         self.host = host
         self._xy_stop = threading.Event()   # set by Interrupt: the LoRA plot stops before its next merge or image
         for name, component in (generation or {}).items():
             self._field(name, component)
+        for name, component in (page or {}).items():
+            self._show(name, component)
+        self.page_fields = list(page or {})
+        self.page_updates = page_updates or (lambda: {})
         self._build()
         self._wire()
 
@@ -226,7 +233,8 @@ class LoraTools(Section):
                 "preview settings of the Merge tab. Each cell's LoRA merge is computed once, in memory, and baked "
                 "into the loaded model on top of the checkpoint (no file). LoRAs are numbered in list order: "
                 "`strength:1` is the first, `strength:2:te` the second's text-encoder strength. The grid and the "
-                "images go to the output folder's `xy/`; Restore original model (above) puts the model back."
+                "images go to the output folder's `xy/`; the plot leaves its last cell loaded: "
+                f"{self.host.restore_label} (above) undoes it."
                 if can else "The LoRA XY plot needs previews, and this host cannot generate them."))
             self._checkpoint_and_loras("lora_xy", ckpts, loras, "Checkpoint for the plot", "Add a LoRA to the plot",
                                        "LoRAs of the plot (name:strength per line; 1, 2, ... in this order)")
@@ -279,12 +287,13 @@ class LoraTools(Section):
                  ["lora_xy_list", "lora_xy_add"], **quick)
         self._on(c["lora_interrupt"].click, self.on_interrupt, [], ["lora_notice"], **quick)
         lists = self.list_fields()
-        self._on(c["lora_merge_run"].click, self.on_merge, None, ["lora_merge_status", *lists], **job)
-        self._on(c["lora_resize_run"].click, self.on_resize, None, ["lora_resize_status", *lists], **job)
-        self._on(c["lora_extract_run"].click, self.on_extract, None, ["lora_extract_status", *lists], **job)
-        self._on(c["lora_bake_run"].click, self.on_bake, None, ["lora_bake_status", *lists], **job)
-        self._on(c["lora_bake_live"].click, self.on_bake_live, None, ["lora_bake_status"], **job)
-        self._on(c["lora_xy_run"].click, self.on_xy, None, ["lora_xy_status", "lora_xy_gallery"], **job)
+        after = [*lists, *self.page_fields]   # a job's result: new files in the lists, the loaded model's line
+        self._on(c["lora_merge_run"].click, self.on_merge, None, ["lora_merge_status", *after], **job)
+        self._on(c["lora_resize_run"].click, self.on_resize, None, ["lora_resize_status", *after], **job)
+        self._on(c["lora_extract_run"].click, self.on_extract, None, ["lora_extract_status", *after], **job)
+        self._on(c["lora_bake_run"].click, self.on_bake, None, ["lora_bake_status", *after], **job)
+        self._on(c["lora_bake_live"].click, self.on_bake_live, None, ["lora_bake_status", *after], **job)
+        self._on(c["lora_xy_run"].click, self.on_xy, None, ["lora_xy_status", "lora_xy_gallery", *after], **job)
 
     @staticmethod
     def list_fields() -> list[str]:
@@ -384,7 +393,7 @@ class LoraTools(Section):
                 yield {status: failure_html(result)}
             else:
                 message, *warnings = result.split("\n")
-                yield {status: status_html("ok", message, warnings), **self.on_refresh()}
+                yield {status: status_html("ok", message, warnings), **self.on_refresh(), **self.page_updates()}
 
     def _progress(self, step: list):
         def progress(i: int, n: int, name: str = "") -> None:
@@ -497,8 +506,8 @@ class LoraTools(Section):
             def work() -> str:
                 r = bake_into_host(self.host, ckpt, items, lbw=lbw, progress=self._progress(step))
                 return "\n".join([f"Baked into the loaded model as {self.host.loaded.name} ({len(r.touched)} keys "
-                                  f"changed; no file written). Generate shows it; Restore original model puts "
-                                  f"the checkpoint back."] + r.warnings[:20])
+                                  f"changed; no file written). Generate shows it; {self.host.restore_label} "
+                                  f"undoes it."] + r.warnings[:20])
             return work
         step: list = [None, ""]
         yield from self._job("lora_bake_status", "Baking into the loaded model", prepare, step)
@@ -541,8 +550,8 @@ class LoraTools(Section):
                 yield {"lora_xy_status": busy_html(f"LoRA XY plot: {step[1]}", time.monotonic() - started, step[0],
                                                    detail if detail != step[1] else "")}
             elif isinstance(result, BaseException):
-                yield {"lora_xy_status": failure_html(result)}
+                yield {"lora_xy_status": failure_html(result), **self.page_updates()}
             else:
                 gallery = [(result.grid_image, "grid")] + list(zip(result.images, result.labels))
-                yield {"lora_xy_gallery": gr.update(value=gallery),
+                yield {"lora_xy_gallery": gr.update(value=gallery), **self.on_refresh(), **self.page_updates(),
                        "lora_xy_status": status_html("ok", result.message)}

@@ -32,10 +32,18 @@ from ..methods import METHODS, Choice, MethodSpec, Param
 from . import form as F
 from .jobs import ELEM, background, busy_html, error_html, failure_html, status_html, unexpected_error
 from .section import Section
+from .state import CURRENT_FIELDS, current_text, current_updates
 
 log = logging.getLogger("merge_lab.ui")
 
 PRESET_CHOICES = list(PRESETS)
+INTERRUPTS = {   # what Interrupt stops, by the tab's running job
+    "merge": "the merge stops before its next tensor; nothing is written or loaded.",
+    "generate": "the image stops at its next step; no image is shown.",
+    "xy": "the XY plot stops before its next merge or image.",
+    "": "the running job stops at its next step.",
+}
+PAGE_FIELDS = CURRENT_FIELDS + [*F.SLOTS, "models_more", "base"]   # what actions elsewhere may change
 
 
 def _combine(*updates: dict) -> dict:
@@ -87,6 +95,7 @@ class MergeTab(Section):
         super().__init__()
         self.host = host
         self.archs = F.ArchCache()
+        self._running = ""   # the tab's last started job (merge, generate, xy): what Interrupt says it stops
         self.first = METHODS["weighted_sum"] if "weighted_sum" in METHODS else next(iter(METHODS.values()))
         self.blocks = self._build()
 
@@ -103,15 +112,22 @@ class MergeTab(Section):
                 with gr.Column(scale=2):
                     self._build_actions()
                     self._build_recipe()
+            # the sections update the page's host-derived widgets (current merge, model lists) after their actions
+            page = {n: self.c[n] for n in PAGE_FIELDS}
             with gr.Accordion("LoRA tools", open=False, elem_id=f"{ELEM}lora_tools"):
                 from .lora_tab import LoraTools  # its own widgets, handlers and status lines (lora_tab.py)
                 generation = {n: self.c[n] for n in F.GENERATION_FIELDS}   # its XY plot uses the preview settings
-                self.lora_tools = LoraTools(self.host, generation)
+                self.lora_tools = LoraTools(self.host, generation, page, self.page_updates)
             with gr.Accordion("AutoMBW: search the block weights", open=False, elem_id=f"{ELEM}autombw"):
                 from .autombw_tab import AutoMBW  # its own widgets and handlers (autombw_tab.py)
                 form = {n: self.c[n] for n in self.fields}   # the starting recipe: the tab's settings
-                self.autombw = AutoMBW(self.host, form, self.archs)
+                self.autombw = AutoMBW(self.host, form, self.archs, page, self.page_updates)
             self._wire()
+            # on every page load (a reload too): what is true now, not what was true when the page was built
+            for name in self.lora_tools.list_fields():
+                self._show(name, self.lora_tools.c[name])
+            self._show("am_run", self.autombw.c["am_run"])
+            self._on(blocks.load, self.on_page_load, [], self.page_load_fields(), queue=False)
         return blocks
 
     def _build_models(self) -> None:
@@ -261,8 +277,9 @@ class MergeTab(Section):
         with gr.Row():
             self._show("merge", gr.Button("Merge", variant="primary", elem_id=f"{ELEM}merge"))
             self._show("interrupt", gr.Button("Interrupt", variant="stop", elem_id=f"{ELEM}interrupt"))
-            self._show("restore", gr.Button("Restore original model", elem_id=f"{ELEM}restore"))
-        self._show("current", gr.Markdown(self._current_text(), elem_id=f"{ELEM}current"))
+            self._show("restore", gr.Button(self.host.restore_label, visible=self.host.loaded is not None,
+                                            elem_id=f"{ELEM}restore"))
+        self._show("current", gr.Markdown(current_text(self.host), elem_id=f"{ELEM}current"))
         with gr.Column(visible=can_generate) as gen:
             self._field("prompt", gr.Textbox(label="Prompt", lines=2))
             self._field("negative", gr.Textbox(label="Negative prompt", lines=1))
@@ -355,10 +372,9 @@ class MergeTab(Section):
         self._on(c["method"].change, self.on_method, None, layout, **quick)
         for slot in slots:
             self._on(c[slot].change, self.on_models, None, layout, **quick)
-        self._on(c["refresh"].click, self.on_refresh, None,
-                 slots + ["mask", "weights", "demo_row", "demo_text"], **quick)
-        self._on(c["demo_button"].click, self.on_demo, None,
-                 slots + ["demo_row", "demo_text", "status"], **quick)
+        refreshed = slots + ["mask", "weights", "demo_row", "demo_text"]
+        self._on(c["refresh"].click, self.on_refresh, None, refreshed, **quick)
+        self._on(c["demo_button"].click, self.on_demo, None, refreshed + ["status"], **quick)
         for bank in range(F.BANKS):
             bank_out = [F.block_field(bank, b) for b in F.ALL_BLOCKS] + [
                 F.bank_text_field(bank), f"bw_msg:{bank}", f"bw_preset:{bank}", "plot"]
@@ -372,13 +388,13 @@ class MergeTab(Section):
         self._on(c["mbw"].change, self.on_plot, None, ["plot"], **quick)
 
         job = dict(show_progress="minimal")   # the status line shows the job's own progress
-        merged = ["status", "recipe", "current"]
+        merged = ["status", "recipe", *PAGE_FIELDS]
         self._on(c["merge"].click, self.on_merge, None, merged, **job)
-        self._on(c["save"].click, self.on_save, None, merged + ["save_name", *F.SLOTS, "models_more", "base"], **job)
+        self._on(c["save"].click, self.on_save, None, merged + ["save_name"], **job)
         self._on(c["generate"].click, self.on_generate, None, ["status", "gallery"], **job)
         self._on(c["merge_generate"].click, self.on_merge_generate, None, merged + ["gallery"], **job)
-        self._on(c["xy_run"].click, self.on_xy, None, ["xy_status", "xy_gallery", "current"], **job)
-        self._on(c["restore"].click, self.on_restore, [], ["status", "current"])
+        self._on(c["xy_run"].click, self.on_xy, None, ["xy_status", "xy_gallery", *PAGE_FIELDS], **job)
+        self._on(c["restore"].click, self.on_restore, [], ["status", *PAGE_FIELDS])
         self._on(c["interrupt"].click, self.on_interrupt, [], ["status"], **quick)
         self._on(c["load_recipe"].click, self.on_load_recipe, None, everything, **quick)
         self._on(c["load_infotext"].click, self.on_load_infotext, None, everything, **quick)
@@ -400,17 +416,21 @@ class MergeTab(Section):
             return self.on_preset(v, bank)
         return on_preset
 
-    # ---- texts
-    def _current_text(self) -> str:
-        st = session.status(self.host)
-        loaded = st["loaded"]
-        if not loaded:
-            return ("The original model is loaded." if self.host.has_live_model
-                    else "No merge in memory yet.")
-        where = ("loaded into the WebUI's model" if self.host.has_live_model
-                 else "kept in memory (Save writes a file)")
-        return f"Current merge: **{loaded['name']}**, hash `{loaded['short_hash']}`, {where}."
+    # ---- what the page shows about the host
+    def page_updates(self) -> dict:
+        """The current-merge line, the restore button and the model lists, from the host now."""
+        return {**current_updates(self.host), **self._model_choices()}
 
+    def page_load_fields(self) -> list[str]:
+        return (PAGE_FIELDS + ["mask", "weights", "demo_row", "demo_text"] + self.lora_tools.list_fields()
+                + ["am_run"])
+
+    def on_page_load(self, v: dict | None = None) -> dict:
+        """A (re)loaded page: every host-derived widget of the tab and its sections, as the host has it now."""
+        return {**self.on_refresh(v or {}), **current_updates(self.host), **self.lora_tools.on_refresh(),
+                **self.autombw.on_refresh_runs({})}
+
+    # ---- texts
     @staticmethod
     def _bank_title(p: Param | None) -> str:
         if p is None:
@@ -595,20 +615,21 @@ class MergeTab(Section):
         if v.get("cache_mb") is not None and self.host.name == "standalone":
             self.host.settings["merge_lab_cache_mb"] = max(0, int(v["cache_mb"]))
         started = time.monotonic()
+        self._running = "merge"
         for done, result in background(lambda: action(self.host, recipe, device=device)):
             if not done:
-                fraction, text = self.host.last_progress
+                fraction, text = self.host.job_progress()
                 yield {"status": busy_html(title, time.monotonic() - started, fraction, text)}
                 continue
             if isinstance(result, MergeError):
                 result = session.MergeSummary(False, str(result))
             elif isinstance(result, BaseException):
                 result = session.MergeSummary(False, unexpected_error(result))
+            self._running = ""
             yield self._summary_updates(result)
 
     def _summary_updates(self, s: session.MergeSummary) -> dict:
-        u = {"status": status_html("ok" if s.ok else "error", s.message, s.warnings),
-             "current": gr.update(value=self._current_text())}
+        u = {"status": status_html("ok" if s.ok else "error", s.message, s.warnings), **self.page_updates()}
         if s.ok and s.recipe_json:
             u["recipe"] = gr.update(value=F.shown_recipe(s.recipe_json))
         return u
@@ -622,8 +643,6 @@ class MergeTab(Section):
         yield {"save_name": gr.update(value=name)}
         for u in self._run(v, f"Saving {name}", lambda host, recipe, device: session.save(
                 host, recipe, name, overwrite=overwrite, device=device)):
-            if "merge-lab-ok" in u.get("status", ""):
-                u.update(self._model_choices())   # the new file may be in the models folder (the WebUI's)
             yield u
 
     def on_generate(self, v: dict) -> Iterator[dict]:
@@ -633,10 +652,16 @@ class MergeTab(Section):
                                      cfg_scale=float(v.get("cfg") or 7), width=int(v.get("width") or 512),
                                      height=int(v.get("height") or 512), sampler=v.get("sampler") or "Euler a")
         started = time.monotonic()
+        self._running = "generate"
         for done, result in background(lambda: session.generate(self.host, request())):
             if not done:
-                yield {"status": busy_html("Generating", time.monotonic() - started)}
-            elif isinstance(result, BaseException):
+                fraction, text = self.host.job_progress()   # the image's step, as the XY plot shows it
+                stepping = text.startswith("Step")
+                yield {"status": busy_html("Generating", time.monotonic() - started, fraction if stepping else None,
+                                           text if stepping else "")}
+                continue
+            self._running = ""
+            if isinstance(result, BaseException):
                 yield {"status": failure_html(result)}
             elif not result.ok:
                 yield {"status": status_html("error", result.message)}
@@ -653,14 +678,12 @@ class MergeTab(Section):
 
     def on_restore(self, v: dict) -> dict:
         s = session.restore(self.host)
-        return {"status": status_html("ok" if s.ok else "error", s.message),
-                "current": gr.update(value=self._current_text())}
+        return {"status": status_html("ok" if s.ok else "error", s.message), **self.page_updates()}
 
     def on_interrupt(self, v: dict) -> dict:
         self.host.interrupt()
         self._xy_stop.set()
-        return {"status": status_html("busy", "Interrupting: the job stops before its next tensor; "
-                                              "nothing is written.")}
+        return {"status": status_html("busy", "Interrupting: " + INTERRUPTS.get(self._running, INTERRUPTS[""]))}
 
     # ---- handlers: XY plot
     def on_xy(self, v: dict) -> Iterator[dict]:
@@ -690,16 +713,19 @@ class MergeTab(Section):
             return xy.run_xy(self.host, recipe, x, y, request, save_models=save_models, progress=progress,
                              cancel=self._xy_stop.is_set, device=device)
         started = time.monotonic()
+        self._running = "xy"
         for done, result in background(work):
             if not done:
-                detail = self.host.last_progress[1]
+                detail = self.host.job_progress()[1]
                 yield {"xy_status": busy_html(f"XY plot: {step[1]}", time.monotonic() - started, step[0],
                                               detail if detail != step[1] else "")}
-            elif isinstance(result, BaseException):
-                yield {"xy_status": failure_html(result), "current": gr.update(value=self._current_text())}
+                continue
+            self._running = ""
+            if isinstance(result, BaseException):
+                yield {"xy_status": failure_html(result), **self.page_updates()}
             else:
                 gallery = [(result.grid_image, "grid")] + list(zip(result.images, result.labels))
-                yield {"xy_gallery": gr.update(value=gallery), "current": gr.update(value=self._current_text()),
+                yield {"xy_gallery": gr.update(value=gallery), **self.page_updates(),
                        "xy_status": status_html("ok", result.message,
                                                 [f"Saved {p.name}" for p in result.saved_models])}
 
