@@ -92,6 +92,15 @@ def test_a_reload_after_demo_models_and_a_merge_shows_them(tmp_path, no_stray):
     dropped = last(wired(tab, "on_restore"))
     assert "dropped from memory" in dropped["status"] and dropped["restore"]["visible"] is False
 
+    # Refresh lists refreshes the LoRA section's lists too
+    import torch
+    from safetensors.torch import save_file
+    host.lora_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"x": torch.zeros(1)}, str(host.lora_dir / "new.safetensors"))
+    refreshed = last(wired(tab, "on_refresh"))
+    assert choice_values(refreshed["lora_info_name"]) == ["new.safetensors"]
+    assert choice_values(refreshed["lora_bake_ckpt"]) == host.list_checkpoints()
+
 
 def test_a_saved_merge_is_offered_at_once_and_chains(tiny, tmp_path, no_stray):
     """A+B saved by the standalone app to its output folder, then (output)/AB + C, without moving a file."""

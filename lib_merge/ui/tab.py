@@ -122,11 +122,11 @@ class MergeTab(Section):
                 from .autombw_tab import AutoMBW  # its own widgets and handlers (autombw_tab.py)
                 form = {n: self.c[n] for n in self.fields}   # the starting recipe: the tab's settings
                 self.autombw = AutoMBW(self.host, form, self.archs, page, self.page_updates)
-            self._wire()
-            # on every page load (a reload too): what is true now, not what was true when the page was built
-            for name in self.lora_tools.list_fields():
+            for name in self.lora_tools.list_fields():   # Refresh lists and a page load refresh these too
                 self._show(name, self.lora_tools.c[name])
             self._show("am_run", self.autombw.c["am_run"])
+            self._wire()
+            # on every page load (a reload too): what is true now, not what was true when the page was built
             self._on(blocks.load, self.on_page_load, [], self.page_load_fields(), queue=False)
         return blocks
 
@@ -372,7 +372,7 @@ class MergeTab(Section):
         self._on(c["method"].change, self.on_method, None, layout, **quick)
         for slot in slots:
             self._on(c[slot].change, self.on_models, None, layout, **quick)
-        refreshed = slots + ["mask", "weights", "demo_row", "demo_text"]
+        refreshed = self.refreshed_fields()
         self._on(c["refresh"].click, self.on_refresh, None, refreshed, **quick)
         self._on(c["demo_button"].click, self.on_demo, None, refreshed + ["status"], **quick)
         for bank in range(F.BANKS):
@@ -421,14 +421,17 @@ class MergeTab(Section):
         """The current-merge line, the restore button and the model lists, from the host now."""
         return {**current_updates(self.host), **self._model_choices()}
 
+    def refreshed_fields(self) -> list[str]:
+        """What Refresh lists refreshes: every list of files in the tab and its sections."""
+        return ([*F.SLOTS, "models_more", "base", "mask", "weights", "demo_row", "demo_text"]
+                + self.lora_tools.list_fields() + ["am_run"])
+
     def page_load_fields(self) -> list[str]:
-        return (PAGE_FIELDS + ["mask", "weights", "demo_row", "demo_text"] + self.lora_tools.list_fields()
-                + ["am_run"])
+        return CURRENT_FIELDS + self.refreshed_fields()
 
     def on_page_load(self, v: dict | None = None) -> dict:
         """A (re)loaded page: every host-derived widget of the tab and its sections, as the host has it now."""
-        return {**self.on_refresh(v or {}), **current_updates(self.host), **self.lora_tools.on_refresh(),
-                **self.autombw.on_refresh_runs({})}
+        return {**self.on_refresh(v or {}), **current_updates(self.host)}
 
     # ---- texts
     @staticmethod
@@ -537,7 +540,8 @@ class MergeTab(Section):
         offer = self._demo_offer()
         return {**self._model_choices(), "mask": gr.update(choices=[""] + masks),
                 "weights": gr.update(choices=[""] + weights), "demo_row": gr.update(visible=bool(offer)),
-                "demo_text": gr.update(value=offer)}
+                "demo_text": gr.update(value=offer), **self.lora_tools.on_refresh(),
+                **self.autombw.on_refresh_runs({})}
 
     def on_demo(self, v: dict) -> dict:
         try:
