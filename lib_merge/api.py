@@ -252,7 +252,7 @@ def _lora_routes(host: Host, guarded) -> list:
             with actions.job(host, "Merging LoRAs"):
                 message = actions.merge_loras(
                     items, out, mode=mode, density=number(body, "density", 1.0), seed=number(body, "seed", 0, int),
-                    majority=str(body.get("majority", "total")), rank=rank,
+                    majority=str(body.get("election", body.get("majority", "sum"))), rank=rank,
                     conv_rank=number(body, "conv_rank", None, int), dtype=str(body.get("dtype", "float16")),
                     overwrite=bool(body.get("overwrite", False)), cancel=host.interrupted)
             return wrote(out, message)

@@ -28,7 +28,7 @@ def cmd_lora_merge(args) -> int:
         raise InputError("--conv-rank needs --rank (it is the SVD merge's rank of 3x3 convs).")
     from ..lora.merge import merge, parse_lora_arg
     path = merge([parse_lora_arg(x) for x in args.lora], args.output, mode=args.mode, density=args.density,
-                 seed=args.seed, majority=args.majority, dtype=args.dtype, overwrite=args.overwrite)
+                 seed=args.seed, majority=args.election, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -74,7 +74,8 @@ def add_lora_commands(subparsers) -> None:
     i.add_argument("--tags", type=int, default=20, help="how many top tags to list (default 20)")
     i.set_defaults(func=cmd_lora_info)
 
-    from ..lora.merge import MAJORITY, MODES
+    from ..lora.merge import MODES
+    from .args import add_dtype, add_election
     m = sub.add_parser("merge", help="merge LoRAs into one on their up/down factors (concat is exact)")
     m.add_argument("--mode", choices=MODES, default="concat",
                    help="concat (exact, ranks add up; default), add (PEFT linear: sums factors, cross terms), "
@@ -82,8 +83,8 @@ def add_lora_commands(subparsers) -> None:
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:W]", help=_LORA_ARG)
     m.add_argument("--density", type=float, default=1.0, help="share of each factor kept (ties/dare/magnitude_prune)")
     m.add_argument("--seed", type=int, default=0, help="seed of the DARE draws")
-    m.add_argument("--majority", choices=MAJORITY, default="total", help="TIES sign election")
-    m.add_argument("--dtype", default="float16", help="dtype of the written factors (default float16)")
+    add_election(m)
+    add_dtype(m, what="factors")
     m.add_argument("--rank", type=int, default=None,
                    help="merge through the full ΔW and an SVD to this rank (any input ranks, LoHa/LoKr too); "
                         "the same as `lora merge-svd`")
@@ -100,8 +101,7 @@ def add_lora_commands(subparsers) -> None:
     b.add_argument("--lora", action="append", required=True, metavar="FILE[:W]", help=_LORA_ARG)
     b.add_argument("--lbw", default=None, help='block weights for every LoRA: "1,0,..." (17/26 values for '
                                                'SD1/SD2, 12/20 for SDXL; unlisted blocks 0) or a preset (ALL, INS, ...)')
-    b.add_argument("--dtype", default="float16", help="dtype of float tensors: float16 (default), bfloat16, "
-                                                      "float32, or keep")
+    add_dtype(b, extra=("keep",), what="float tensors (keep: as in the checkpoint)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     b.add_argument("-o", "--output", required=True, help="output .safetensors")
     b.set_defaults(func=cmd_lora_bake)

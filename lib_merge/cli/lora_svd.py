@@ -4,11 +4,8 @@ User errors are MergeError subclasses (the main CLI prints "error: ..." and exit
 """
 from __future__ import annotations
 
-import torch
-
 from ..lora.svd import MODES, SvdError
-
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from .args import add_dtype, add_election
 
 
 def _summary(retained: dict[str, float]) -> str:
@@ -21,8 +18,9 @@ def _summary(retained: dict[str, float]) -> str:
 
 def cmd_extract(args) -> int:
     from ..lora.extract import extract
+    from ..core.files import dtype_from_name
     r = extract(args.base, args.tuned, args.output, args.rank, args.conv_rank, te_threshold=args.te_threshold,
-                dtype=_DTYPES[args.dtype], clamp_quantile=None if args.no_clamp else args.clamp_quantile,
+                dtype=dtype_from_name(args.dtype), clamp_quantile=None if args.no_clamp else args.clamp_quantile,
                 seed=args.seed, overwrite=args.overwrite)
     for m in r.messages:
         print(m)
@@ -32,11 +30,12 @@ def cmd_extract(args) -> int:
 
 
 def cmd_resize(args) -> int:
+    from ..core.files import dtype_from_name
     from ..lora.resize import resize
     if args.rank is None and args.dynamic is None:
         raise SvdError("Give --rank R or --dynamic RULE:VALUE (e.g. sv_fro:0.9).")
     r = resize(args.file, args.output, rank=args.rank, dynamic=args.dynamic, max_rank=args.max_rank,
-               conv_rank=args.conv_rank, dtype=_DTYPES[args.dtype], overwrite=args.overwrite)
+               conv_rank=args.conv_rank, dtype=dtype_from_name(args.dtype), overwrite=args.overwrite)
     for w in r.warnings:
         print(f"warning: {w}")
     if args.verbose:
@@ -52,10 +51,9 @@ def cmd_merge_svd(args) -> int:
     from ..lora.merge import parse_lora_arg
     from ..lora.svd import merge_svd
     loras = [parse_lora_arg(t) for t in args.lora]
-    dtype = _DTYPES.get(args.dtype, args.dtype)
     r = merge_svd(loras, args.output, mode=args.mode, density=args.density, rank=args.rank,
                   conv_rank=args.conv_rank, clamp_quantile=None if args.no_clamp else args.clamp_quantile,
-                  seed=args.seed, majority=getattr(args, "majority", "total"), dtype=dtype,
+                  seed=args.seed, majority=getattr(args, "election", "sum"), dtype=args.dtype,
                   overwrite=args.overwrite)
     for w in r.warnings:
         print(f"warning: {w}")
@@ -65,7 +63,7 @@ def cmd_merge_svd(args) -> int:
 
 def _common(p, clamp=True):
     p.add_argument("-o", "--output", required=True, help="output .safetensors")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp16", help="dtype of the saved factors (fp16)")
+    add_dtype(p, what="factors")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     if clamp:
         p.add_argument("--clamp-quantile", type=float, default=0.99,
@@ -102,7 +100,7 @@ def add_svd_commands(lora_sub) -> None:
                    help="a LoRA and its weight (U-Net, then text encoder); repeat for each LoRA")
     m.add_argument("--mode", choices=MODES, default="add", help="how the deltas are combined (add)")
     m.add_argument("--density", type=float, default=1.0, help="share kept by ties / dare / magnitude_prune")
-    m.add_argument("--majority", choices=("total", "frequency"), default="total", help="TIES sign election")
+    add_election(m)
     m.add_argument("--rank", type=int, required=True, help="rank of the merged LoRA")
     m.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 conv modules (default: --rank)")
     _common(m)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import InputError
+from .args import add_dtype
 
 
 def _parse_param(text: str) -> tuple[str, str]:
@@ -200,7 +201,7 @@ def add_merge_commands(sub) -> None:
                                            "per-block parameter: alpha, lambda or ratio)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
-    m.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="output dtype")
+    add_dtype(m, what="merged tensors")
     m.add_argument("--merge-vae", action="store_true", help="merge the VAE too (default: keep A's)")
     m.add_argument("--unet-only", action="store_true", help="keep A's text encoder(s)")
     m.add_argument("--missing-keys", default="keep_a", choices=["keep_a", "error"])

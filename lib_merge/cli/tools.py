@@ -12,8 +12,8 @@ from pathlib import Path
 
 from ..core.errors import InputError
 from ..core.files import check_output_path
+from .args import add_dtype
 
-DTYPES = ("float16", "bfloat16", "float32")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -303,7 +303,7 @@ def _add_normalize_and_noise(sub) -> None:
     n.add_argument("--model", action="append", help="--model A --model B")
     n.add_argument("--mode", choices=NORMALIZE_MODES, default="attn_only")
     n.add_argument("--magnify", action="store_true", help="use ‖A‖/‖B‖ instead of ‖B‖/‖A‖")
-    n.add_argument("--dtype", choices=DTYPES, help="output dtype of float tensors (default: A's)")
+    add_dtype(n, default=None, default_text="model A's")
     _out_args(n, ".safetensors")
     n.set_defaults(func=cmd_normalize)
 
@@ -316,7 +316,7 @@ def _add_normalize_and_noise(sub) -> None:
     z.add_argument("--layers", help="key patterns, comma separated, * wildcard (e.g. '*.to_v*')")
     z.add_argument("--mask", help="a mask file: noise only where it is True")
     z.add_argument("--seed", type=int, default=0)
-    z.add_argument("--dtype", choices=DTYPES, help="output dtype of float tensors (default: the model's)")
+    add_dtype(z, default=None, default_text="the model's")
     _out_args(z, ".safetensors")
     z.set_defaults(func=cmd_noise)
 

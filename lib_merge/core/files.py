@@ -38,11 +38,24 @@ MAX_HEADER_BYTES = 100 << 20  # a real header is a few hundred KB; more means a 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
+OUTPUT_DTYPES = ("float16", "bfloat16", "float32")   # what a merge, bake or LoRA tool writes: one spelling everywhere
+DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
+                 "fp64": "float64", "double": "float64", "bf16": "bfloat16"}   # old spellings, still accepted
+
+
+def output_dtype(name: str) -> str:
+    """An output dtype as its one spelling (float16, bfloat16, float32); the aliases fp16, half, bf16, fp32 and
+    float are accepted; anything else is refused naming the choices."""
+    key = DTYPE_ALIASES.get(str(name).strip().lower(), str(name).strip().lower())
+    if key not in OUTPUT_DTYPES:
+        raise InputError(f"Unknown output dtype '{name}'. Use {', '.join(OUTPUT_DTYPES)} "
+                         f"(fp16, bf16 and fp32 are accepted too).")
+    return key
+
+
 def dtype_from_name(name: str) -> torch.dtype:
     """'float16' / 'fp16' / 'F16' -> torch.float16 (user-facing names and safetensors codes)."""
-    aliases = {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
-               "fp64": "float64", "double": "float64", "bf16": "bfloat16"}
-    key = aliases.get(name.lower(), name.lower())
+    key = DTYPE_ALIASES.get(name.lower(), name.lower())
     if name in ST_DTYPES:
         return ST_DTYPES[name]
     dt = getattr(torch, key, None)

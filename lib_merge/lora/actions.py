@@ -131,7 +131,7 @@ def job(host: Host, title: str):
 
 
 def merge_loras(items: list[LoraInput], out: Path, *, mode: str = "concat", density: float = 1.0, seed: int = 0,
-                majority: str = "total", rank: int | None = None, conv_rank: int | None = None, dtype="float16",
+                majority: str = "sum", rank: int | None = None, conv_rank: int | None = None, dtype="float16",
                 overwrite: bool = False, progress=None, cancel=None) -> str:
     """Merge LoRAs to `out`: on the factors (lora.merge), or through the SVD (lora.svd) when `rank` is given or
     the mode is svd_<mode>. Returns the message for people."""

@@ -43,11 +43,12 @@ import torch
 
 from ..core.errors import ArchitectureMismatchError, CancelledError, InputError
 from ..core.randomness import generator_for
+from ..methods.common import election_name
 from .formats import LoraFile, LoraModule, open_lora, save_kohya
 
 MODES = ("add", "concat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 FACTOR_MODES = ("add", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-MAJORITY = ("total", "frequency")
+MAJORITY = ("sum", "count")   # the TIES sign election, as for checkpoints (total, frequency: accepted aliases)
 RECIPE_KEY = "merge_lab_recipe"
 
 
@@ -113,6 +114,8 @@ def recipe_metadata(inputs: list[LoraInput], family: str | None, tool: str = "lo
             item["recipe"] = json.loads(i.file.metadata[RECIPE_KEY])
         loras.append(item)
     settings = {k: (dtype_name(v) if isinstance(v, torch.dtype) else v) for k, v in fields.items()}
+    if "majority" in settings:   # recorded under the name checkpoints use, in its one spelling
+        settings["election"] = election_name(settings.pop("majority"))
     recipe = {"format": 1, "tool": tool, **settings, "family": family, "loras": loras}
     return {RECIPE_KEY: json.dumps(recipe), "modelspec.merged_from": ", ".join(i.name for i in inputs)}
 
@@ -202,9 +205,9 @@ def prune_random(t: torch.Tensor, density: float, gen: torch.Generator) -> torch
     return t * keep / density
 
 
-def majority_sign_mask(stack: torch.Tensor, method: str = "total") -> torch.Tensor:
+def majority_sign_mask(stack: torch.Tensor, method: str = "sum") -> torch.Tensor:
     sign = stack.sign()
-    votes = stack.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    votes = stack.sum(dim=0) if election_name(method) == "sum" else sign.sum(dim=0)
     majority = torch.where(votes >= 0, 1.0, -1.0)
     return sign == majority
 
@@ -227,7 +230,7 @@ def _weighted(stack: torch.Tensor, weights: list[float]) -> torch.Tensor:
 
 
 def combine(tensors: list[torch.Tensor], weights: list[float], mode: str, *, density: float = 1.0,
-            majority: str = "total", gen: torch.Generator | None = None) -> torch.Tensor:
+            majority: str = "sum", gen: torch.Generator | None = None) -> torch.Tensor:
     """One factor (or any task tensors) of N LoRAs combined by a PEFT mode."""
     if mode == "add":
         return _weighted_sum(tensors, weights)
@@ -251,8 +254,7 @@ def check_options(mode: str, density: float, majority: str) -> None:
     """A merge mode, density and TIES election checked, with a sentence for people when wrong."""
     if mode not in MODES:
         raise InputError(f"Unknown merge mode '{mode}'. Choose one of: {', '.join(MODES)}.")
-    if majority not in MAJORITY:
-        raise InputError(f"Unknown sign election '{majority}'. Choose total or frequency.")
+    election_name(majority)   # sum or count (total, frequency accepted), else a sentence
     if not (0.0 <= density <= 1.0) or not math.isfinite(density):
         raise InputError(f"The density must be between 0 and 1, not {density}.")
     if mode.startswith("dare") and density <= 0:
@@ -260,7 +262,7 @@ def check_options(mode: str, density: float, majority: str) -> None:
 
 
 def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "concat", *, density: float = 1.0,
-                  seed: int = 0, majority: str = "total", progress=None,
+                  seed: int = 0, majority: str = "sum", progress=None,
                   cancel=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """The merged modules, name -> (down, up, alpha), float32, from opened LoRAs and their weights.
     `progress(i, n, name)` is called per module; `cancel()` returning True stops with CancelledError."""
@@ -309,7 +311,7 @@ def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "c
     return out
 
 
-def merge(loras, out, *, mode: str = "concat", density: float = 1.0, seed: int = 0, majority: str = "total",
+def merge(loras, out, *, mode: str = "concat", density: float = 1.0, seed: int = 0, majority: str = "sum",
           dtype: str | torch.dtype | None = "float16", overwrite: bool = False, progress=None, cancel=None) -> Path:
     """Merge LoRA files into a kohya LoRA at `out` (on the factors: merge_modules; svd.merge_svd for the SVD merge).
 

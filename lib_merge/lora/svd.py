@@ -137,7 +137,7 @@ class MergeSvdResult:
 @mapped_temporaries()   # results kept between big temporaries must not fragment the heap (heap.py)
 def svd_merge_modules(files, inputs, *, mode: str = "add", density: float = 1.0, rank: int = 32,
                       conv_rank: int | None = None, clamp_quantile: float | None = 0.99, seed: int = 0,
-                      majority: str = "total", method: str = "auto", dtype: torch.dtype = torch.float32,
+                      majority: str = "sum", method: str = "auto", dtype: torch.dtype = torch.float32,
                       progress=None, cancel=None):
     """The SVD merge of opened LoRAs, in memory: ({name: (down, up, alpha)} in `dtype`, {name: retained}, warnings).
 
@@ -186,7 +186,7 @@ def svd_merge_modules(files, inputs, *, mode: str = "add", density: float = 1.0,
 
 def merge_svd(loras, out_path, *, mode: str = "add", density: float = 1.0, rank: int = 32,
               conv_rank: int | None = None, clamp_quantile: float | None = 0.99, seed: int = 0,
-              majority: str = "total", method: str = "auto", dtype: torch.dtype | str = torch.float16,
+              majority: str = "sum", method: str = "auto", dtype: torch.dtype | str = torch.float16,
               overwrite: bool = False, progress=None, cancel=None) -> MergeSvdResult:
     """Merge LoRAs through their full deltas and write one kohya LoRA of `rank` (svd_merge_modules).
 

@@ -66,7 +66,7 @@ class LoraPlot:
     rank: int | None = None
     conv_rank: int | None = None
     merge_seed: int = 0
-    majority: str = "total"
+    majority: str = "sum"
     lbw: Any = None
 
     def __post_init__(self):

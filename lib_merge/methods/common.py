@@ -29,6 +29,20 @@ WEIGHTS = Param("weights", "floats", None, None, "one weight per model, in order
 ELECTION = Param("election", Choice("sum", "count", "off"), "sum",
                  help="sign election per element: sum = sign of Σδ (the TIES paper), count = sign of Σ sign δ "
                       "(majority vote), off = no election (mean over the models that kept the element)")
+ELECTION_ALIASES = {"total": "sum", "frequency": "count"}   # the LoRA tools' old (PEFT) names for the same two
+
+
+def election_name(text: str, allow_off: bool = False) -> str:
+    """A TIES sign election as its one spelling: sum or count (total and frequency accepted), off where allowed."""
+    key = str(text).strip().lower()
+    key = ELECTION_ALIASES.get(key, key)
+    allowed = ("sum", "count", "off") if allow_off else ("sum", "count")
+    if key not in allowed:
+        raise InputError(f"Unknown sign election '{text}'. Use {' or '.join(allowed)} "
+                         f"(total and frequency are the old names of sum and count).")
+    return key
+
+
 DENSITY = Param("density", float, 1.0, (0.0, 1.0), "share of each δ kept by magnitude (top-k per tensor; 1 = keep all)")
 RESCALE = Param("rescale", bool, True, help="divide kept deltas by 1 − drop so their expected sum is unchanged")
 

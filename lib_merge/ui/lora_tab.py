@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import gradio as gr
 
 from ..core.errors import InputError, MergeError
+from ..core.files import OUTPUT_DTYPES
 from ..host import Host
 from ..lora.actions import (
     FAMILY_LABEL,
@@ -40,7 +41,6 @@ log = logging.getLogger("merge_lab.ui")
 
 MODE_HELP = ("concat: exact weighted sum (ranks add up) · add/ties/dare/magnitude_prune: on the up/down factors "
              "(equal ranks) · svd_*: on the full ΔW, then factorised to the rank (any ranks, LoHa/LoKr too)")
-DTYPES = ("float16", "bfloat16", "float32")
 WHERE = ("LoRA folder", "output folder")
 LBW_PRESETS = ("", "ALL", "NONE", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL", "ALL0.5")
 
@@ -120,7 +120,7 @@ class LoraTools(Section):
         with gr.Row():
             self._field("lora_where", gr.Radio(list(WHERE), value=WHERE[0], label="Write new LoRAs to",
                                                elem_id=f"{ELEM}lora_where"))
-            self._field("lora_dtype", gr.Dropdown(list(DTYPES), value="float16", label="LoRA tools output dtype",
+            self._field("lora_dtype", gr.Dropdown(list(OUTPUT_DTYPES), value="float16", label="LoRA tools output dtype",
                                                   elem_id=f"{ELEM}lora_dtype"))
             self._field("lora_overwrite", gr.Checkbox(value=False, label="LoRA tools: overwrite an existing file",
                                                       elem_id=f"{ELEM}lora_overwrite"))

@@ -1,0 +1,68 @@
+"""One spelling for one thing on every surface: output dtypes and the TIES sign election, with the old
+spellings accepted as aliases (documented in README.md and docs/LORA.md)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lib_merge.cli import make_parser
+from lib_merge.core.errors import InputError
+from lib_merge.core.files import output_dtype
+from lib_merge.lora.merge import RECIPE_KEY, combine, recipe_metadata
+from lib_merge.methods.common import election_name
+
+
+def test_output_dtype_names_and_aliases():
+    assert [output_dtype(n) for n in ("float16", "fp16", "half", "BF16", "bfloat16", "fp32", "float")] == [
+        "float16", "float16", "float16", "bfloat16", "bfloat16", "float32", "float32"]
+    with pytest.raises(InputError, match=r"Unknown output dtype 'float64'. Use float16, bfloat16, float32"):
+        output_dtype("float64")
+
+
+@pytest.mark.parametrize("argv", [
+    ["lora", "extract", "--base", "a", "--tuned", "b", "--rank", "4", "-o", "x"],
+    ["lora", "resize", "f", "--rank", "4", "-o", "x"],
+    ["lora", "merge-svd", "--lora", "a", "--rank", "4", "-o", "x"],
+    ["lora", "merge", "--lora", "a", "-o", "x"],
+    ["lora", "bake", "--model", "m", "--lora", "a", "-o", "x"],
+    ["merge", "--method", "weighted_sum", "--model", "a", "--model", "b", "-o", "x"],
+])
+def test_every_command_takes_the_same_dtype_spellings(argv, capsys):
+    parser = make_parser()
+    assert parser.parse_args(argv + ["--dtype", "bfloat16"]).dtype == "bfloat16"
+    assert parser.parse_args(argv + ["--dtype", "fp32"]).dtype == "float32"   # the old spelling
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(argv + ["--dtype", "int8"])
+    assert e.value.code == 2 and "Unknown output dtype 'int8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["lora", "merge", "--lora", "a", "-o", "x"],
+                                     ["lora", "merge-svd", "--lora", "a", "--rank", "4", "-o", "x"]])
+def test_lora_election_is_spelled_as_for_checkpoints(command, capsys):
+    parser = make_parser()
+    assert parser.parse_args(command).election == "sum"
+    assert parser.parse_args(command + ["--election", "count"]).election == "count"
+    assert parser.parse_args(command + ["--majority", "frequency"]).election == "count"   # the old names
+    assert parser.parse_args(command + ["--majority", "total"]).election == "sum"
+    with pytest.raises(SystemExit):
+        parser.parse_args(command + ["--election", "off"])   # LoRA factors have no "no election"
+    assert "Unknown sign election 'off'. Use sum or count" in capsys.readouterr().err
+    assert election_name("off", allow_off=True) == "off"
+
+
+def test_lora_ties_elections_by_hand():
+    # element 0: values 1, 2, -4: sum -1 -> the sign is -, only -4 agrees: -4; by count (+, +, -): + -> (1+2)/2
+    # element 1: values -3, 1, 1: sum -1 -> -3; by count: + -> (1+1)/2
+    tensors = [torch.tensor([1.0, -3.0]), torch.tensor([2.0, 1.0]), torch.tensor([-4.0, 1.0])]
+    by_sum = combine(tensors, [1, 1, 1], "ties", density=1.0, majority="sum")
+    by_count = combine(tensors, [1, 1, 1], "ties", density=1.0, majority="count")
+    assert by_sum.tolist() == [-4.0, -3.0] and by_count.tolist() == [1.5, 1.0]
+    assert torch.equal(combine(tensors, [1, 1, 1], "ties", majority="total"), by_sum)
+    assert torch.equal(combine(tensors, [1, 1, 1], "ties", majority="frequency"), by_count)
+
+
+def test_merged_lora_metadata_records_the_election_by_its_one_name():
+    recipe = json.loads(recipe_metadata([], None, mode="ties", majority="frequency")[RECIPE_KEY])
+    assert recipe["election"] == "count" and "majority" not in recipe
