@@ -239,10 +239,14 @@ def test_cli_weights_end_to_end(tiny, tmp_path):
     assert WeightSet.load(tmp_path / "b.json")[U + "input_blocks.10.0.in_layers.2.weight"] == 0.7
     assert _cli("weights", "shell", "--model", model, "--core", "0.9", "--exterior", "0.1", "-o", tmp_path / "s.json") == 0
     assert _cli("weights", "groups", "--model", model, "--input-blocks", "0.5", "--out-block", "0.2",
-                "--base", "0", "-o", tmp_path / "g.json") == 0
+                "--te", "0", "-o", tmp_path / "g.json") == 0
     g = WeightSet.load(tmp_path / "g.json")
     assert g[U + "input_blocks.1.1.proj_in.weight"] == 0.5 and g[U + "out.2.weight"] == 0.2
     assert g["cond_stage_model.transformer.text_model.final_layer_norm.weight"] == 0.0
+    # --base, the old name of --te, still works and means the same
+    assert _cli("weights", "groups", "--model", model, "--input-blocks", "0.5", "--out-block", "0.2",
+                "--base", "0", "-o", tmp_path / "g_old.json") == 0
+    assert WeightSet.load(tmp_path / "g_old.json") == g
     assert _cli("weights", "attention", "--model", model, "--attn", "1", "-o", tmp_path / "a.json") == 0
     assert _cli("weights", "op", tmp_path / "s.json", tmp_path / "g.json", "--op", "add", "-o", tmp_path / "sg.json") == 0
     sg = WeightSet.load(tmp_path / "sg.json")

@@ -192,8 +192,8 @@ PART_FLAGS = {"time": "--time", "label": "--label", "input": "--input-blocks", "
 
 def _parts(args, names: tuple[str, ...]) -> dict[str, float]:
     values = {n: getattr(args, f"part_{n}") for n in names if getattr(args, f"part_{n}") is not None}
-    if not values and args.base is None:
-        raise InputError(f"Give at least one value: {', '.join(PART_FLAGS[n] for n in names)} or --base.")
+    if not values and args.te is None:
+        raise InputError(f"Give at least one value: {', '.join(PART_FLAGS[n] for n in names)} or --te.")
     return values
 
 
@@ -205,11 +205,11 @@ def cmd_weights_build(args) -> int:
         if args.weights_command == "blocks":
             ws = W.from_blocks(m, family, args.blocks, args.default)
         elif args.weights_command == "groups":
-            ws = W.from_groups(m, family, _parts(args, W.GROUPS), args.base)
+            ws = W.from_groups(m, family, _parts(args, W.GROUPS), args.te)
         elif args.weights_command == "attention":
-            ws = W.from_attention(m, family, _parts(args, W.ATTENTION_PARTS), args.base)
+            ws = W.from_attention(m, family, _parts(args, W.ATTENTION_PARTS), args.te)
         else:
-            ws = W.from_shell(m, family, _parts(args, W.SHELL_PARTS), args.base)
+            ws = W.from_shell(m, family, _parts(args, W.SHELL_PARTS), args.te)
     _save_weights(ws, args.output, [args.model], args.overwrite)
     return 0
 
@@ -248,7 +248,9 @@ def _add_weights(sub) -> None:
         for part in parts:
             c.add_argument(PART_FLAGS[part], dest=f"part_{part}", type=float, metavar="V",
                            help=f"value of the {part} keys (left out when not given)")
-        c.add_argument("--base", type=float, help="value of the text-encoder keys (left out when not given)")
+        # --base is a model on every other command: here the text encoder's value is --te (--base: the old name)
+        c.add_argument("--te", "--base", dest="te", type=float, metavar="V",
+                       help="value of the text-encoder keys (left out when not given; --base is its old name)")
         _out_args(c, ".json")
         c.set_defaults(func=cmd_weights_build)
 

@@ -264,8 +264,8 @@ class MergeTab(Section):
                     self._field("weights_source", gr.Radio(["block sliders", "groups"], value="block sliders",
                                                            label="From"))
                     self._field("weights_groups", gr.Textbox(
-                        label="Groups", placeholder="input=0.3, middle=1, output=0.7, base=0",
-                        info="time, label, input, middle, output, out; base = text encoder"))
+                        label="Groups", placeholder="input=0.3, middle=1, output=0.7, te=0",
+                        info="time, label, input, middle, output, out; te = text encoder"))
                 with gr.Row():
                     self._field("weights_name", gr.Textbox(label="Weight set file name", placeholder="my_weights"))
                     self._show("weights_make", gr.Button("Make the weight set"))
@@ -808,8 +808,8 @@ class MergeTab(Section):
             with model:
                 if v.get("weights_source") == "groups":
                     values = _pairs(v.get("weights_groups") or "")
-                    base = values.pop("base", None)
-                    ws = weights.from_groups(model, family, values, base=base)
+                    te = values.pop("te", values.pop("base", None))   # base: the old name of te
+                    ws = weights.from_groups(model, family, values, base=te)
                 else:
                     ws = weights.from_blocks(model, family, F.bank_values(v, 0, family))
             if not ws:
