@@ -216,6 +216,7 @@ def _lora_routes(host: Host, guarded) -> list:
     from fastapi import Body
 
     from .lora import actions
+    from .lora.merge import DEFAULT_DENSITY
 
     def number(body: dict, key: str, default, kind=float):
         try:
@@ -251,7 +252,7 @@ def _lora_routes(host: Host, guarded) -> list:
                                         [i.path for i in items], bool(body.get("overwrite", False)))
             with actions.job(host, "Merging LoRAs"):
                 message = actions.merge_loras(
-                    items, out, mode=mode, density=number(body, "density", 1.0), seed=number(body, "seed", 0, int),
+                    items, out, mode=mode, density=number(body, "density", DEFAULT_DENSITY), seed=number(body, "seed", 0, int),
                     majority=str(body.get("election", body.get("majority", "sum"))), rank=rank,
                     conv_rank=number(body, "conv_rank", None, int), dtype=str(body.get("dtype", "float16")),
                     overwrite=bool(body.get("overwrite", False)), cancel=host.interrupted)
@@ -325,7 +326,7 @@ def _lora_routes(host: Host, guarded) -> list:
             need_dict(body)
             ckpt = host.resolve_checkpoint(str(body.get("checkpoint") or ""))
             plot = lxy.LoraPlot(ckpt, actions.lora_entries(host, body.get("loras")), mode=str(body.get("mode", "concat")),
-                                density=number(body, "density", 1.0), rank=number(body, "rank", None, int),
+                                density=number(body, "density", DEFAULT_DENSITY), rank=number(body, "rank", None, int),
                                 conv_rank=number(body, "conv_rank", None, int),
                                 merge_seed=number(body, "merge_seed", 0, int), lbw=actions.check_lbw(body.get("lbw"), ckpt))
             axes = []

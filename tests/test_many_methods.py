@@ -137,12 +137,12 @@ def test_ties_sign_tie_and_all_zero_deltas(family, tiny, tmp_path):
         save_state_dict(sd, files[name])
     for election in ("sum", "count"):
         r = Recipe("ties", [ModelRef("m0", str(files["m0"])), ModelRef("mirror", str(files["mirror"]))],
-                   base=ModelRef("base", str(files["base"])), params={"election": election}, dtype="float32")
+                   base=ModelRef("base", str(files["base"])), params={"election": election, "density": 1.0}, dtype="float32")
         out = merge(r, DictSink()).output
         for k in KEYS:
             assert torch.equal(out[k], base[k]), "a tied election leaves the base"
     # a model equal to the base has all-zero deltas: it never votes; TIES of (m1, base) = m1
-    out, models, base = run(family, "ties", [1, 3], {"election": "count"})
+    out, models, base = run(family, "ties", [1, 3], {"election": "count", "density": 1.0})
     for k in KEYS:
         torch.testing.assert_close(out[k], models[0][k], rtol=1e-6, atol=1e-7)
 

@@ -66,3 +66,15 @@ def test_lora_ties_elections_by_hand():
 def test_merged_lora_metadata_records_the_election_by_its_one_name():
     recipe = json.loads(recipe_metadata([], None, mode="ties", majority="frequency")[RECIPE_KEY])
     assert recipe["election"] == "count" and "majority" not in recipe
+
+
+def test_ties_and_dare_defaults_are_the_papers_not_no_trimming():
+    from lib_merge.lora.merge import DEFAULT_DENSITY
+    from lib_merge.methods import METHODS
+    defaults = {name: {p.name: p.default for p in METHODS[name].params} for name in ("ties", "dare_linear", "dare_ties")}
+    assert defaults["ties"]["density"] == 0.2                       # TIES paper: top 20 % of each task vector
+    assert defaults["dare_linear"]["drop"] == defaults["dare_ties"]["drop"] == 0.9   # DARE paper: p = 0.9
+    assert DEFAULT_DENSITY == 0.2
+    parser = make_parser()
+    assert parser.parse_args(["lora", "merge", "--mode", "ties", "--lora", "a", "-o", "x"]).density == 0.2
+    assert parser.parse_args(["lora", "merge-svd", "--lora", "a", "--rank", "4", "-o", "x"]).density == 0.2

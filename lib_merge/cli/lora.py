@@ -74,14 +74,16 @@ def add_lora_commands(subparsers) -> None:
     i.add_argument("--tags", type=int, default=20, help="how many top tags to list (default 20)")
     i.set_defaults(func=cmd_lora_info)
 
-    from ..lora.merge import MODES
+    from ..lora.merge import DEFAULT_DENSITY, MODES
     from .args import add_dtype, add_election
     m = sub.add_parser("merge", help="merge LoRAs into one on their up/down factors (concat is exact)")
     m.add_argument("--mode", choices=MODES, default="concat",
                    help="concat (exact, ranks add up; default), add (PEFT linear: sums factors, cross terms), "
                         "ties, dare_linear, dare_ties, magnitude_prune (PEFT, on the factors; equal ranks)")
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:W]", help=_LORA_ARG)
-    m.add_argument("--density", type=float, default=1.0, help="share of each factor kept (ties/dare/magnitude_prune)")
+    m.add_argument("--density", type=float, default=DEFAULT_DENSITY,
+                   help=f"share of each factor kept by ties, dare_* and magnitude_prune (default {DEFAULT_DENSITY}, "
+                        f"PEFT's and the TIES paper's; 1 keeps all)")
     m.add_argument("--seed", type=int, default=0, help="seed of the DARE draws")
     add_election(m)
     add_dtype(m, what="factors")

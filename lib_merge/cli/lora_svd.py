@@ -4,6 +4,7 @@ User errors are MergeError subclasses (the main CLI prints "error: ..." and exit
 """
 from __future__ import annotations
 
+from ..lora.merge import DEFAULT_DENSITY
 from ..lora.svd import MODES, SvdError
 from .args import add_dtype, add_election
 
@@ -99,7 +100,8 @@ def add_svd_commands(lora_sub) -> None:
     m.add_argument("--lora", action="append", required=True, metavar="FILE[:W[:W_TE]]",
                    help="a LoRA and its weight (U-Net, then text encoder); repeat for each LoRA")
     m.add_argument("--mode", choices=MODES, default="add", help="how the deltas are combined (add)")
-    m.add_argument("--density", type=float, default=1.0, help="share kept by ties / dare / magnitude_prune")
+    m.add_argument("--density", type=float, default=DEFAULT_DENSITY,
+                   help=f"share kept by ties / dare / magnitude_prune (default {DEFAULT_DENSITY}; 1 keeps all)")
     add_election(m)
     m.add_argument("--rank", type=int, required=True, help="rank of the merged LoRA")
     m.add_argument("--conv-rank", type=int, default=None, help="rank of 3x3 conv modules (default: --rank)")

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..core.errors import InputError
 from ..host import Host
-from .merge import LoraInput, parse_lora_arg
+from .merge import DEFAULT_DENSITY, LoraInput, parse_lora_arg
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 WHERE = ("lora", "output")    # where new LoRAs go: the LoRA folder or the output folder
@@ -130,7 +130,7 @@ def job(host: Host, title: str):
             host.end_job()
 
 
-def merge_loras(items: list[LoraInput], out: Path, *, mode: str = "concat", density: float = 1.0, seed: int = 0,
+def merge_loras(items: list[LoraInput], out: Path, *, mode: str = "concat", density: float = DEFAULT_DENSITY, seed: int = 0,
                 majority: str = "sum", rank: int | None = None, conv_rank: int | None = None, dtype="float16",
                 overwrite: bool = False, progress=None, cancel=None) -> str:
     """Merge LoRAs to `out`: on the factors (lora.merge), or through the SVD (lora.svd) when `rank` is given or

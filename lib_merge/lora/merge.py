@@ -48,6 +48,9 @@ from .formats import LoraFile, LoraModule, open_lora, save_kohya
 
 MODES = ("add", "concat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 FACTOR_MODES = ("add", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+# the share of each factor the pruning modes (ties, dare_*, magnitude_prune) keep unless told: PEFT's
+# add_weighted_adapter examples use 0.2, as the TIES paper's top-20 %; concat and add ignore it
+DEFAULT_DENSITY = 0.2
 MAJORITY = ("sum", "count")   # the TIES sign election, as for checkpoints (total, frequency: accepted aliases)
 RECIPE_KEY = "merge_lab_recipe"
 
@@ -261,7 +264,8 @@ def check_options(mode: str, density: float, majority: str) -> None:
         raise InputError("DARE needs a density above 0 (it divides the kept values by the density).")
 
 
-def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "concat", *, density: float = 1.0,
+def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "concat", *,
+                  density: float = DEFAULT_DENSITY,
                   seed: int = 0, majority: str = "sum", progress=None,
                   cancel=None) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """The merged modules, name -> (down, up, alpha), float32, from opened LoRAs and their weights.
@@ -311,7 +315,7 @@ def merge_modules(files: list[LoraFile], inputs: list[LoraInput], mode: str = "c
     return out
 
 
-def merge(loras, out, *, mode: str = "concat", density: float = 1.0, seed: int = 0, majority: str = "sum",
+def merge(loras, out, *, mode: str = "concat", density: float = DEFAULT_DENSITY, seed: int = 0, majority: str = "sum",
           dtype: str | torch.dtype | None = "float16", overwrite: bool = False, progress=None, cancel=None) -> Path:
     """Merge LoRA files into a kohya LoRA at `out` (on the factors: merge_modules; svd.merge_svd for the SVD merge).
 

@@ -19,6 +19,7 @@ import torch
 from ..core.errors import InputError
 from ..core.heap import mapped_temporaries
 from ..core.randomness import generator_for, key_seed
+from .merge import DEFAULT_DENSITY
 
 METHODS = ("auto", "full", "lowrank")
 MODES = ("add", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -135,7 +136,7 @@ class MergeSvdResult:
 
 
 @mapped_temporaries()   # results kept between big temporaries must not fragment the heap (heap.py)
-def svd_merge_modules(files, inputs, *, mode: str = "add", density: float = 1.0, rank: int = 32,
+def svd_merge_modules(files, inputs, *, mode: str = "add", density: float = DEFAULT_DENSITY, rank: int = 32,
                       conv_rank: int | None = None, clamp_quantile: float | None = 0.99, seed: int = 0,
                       majority: str = "sum", method: str = "auto", dtype: torch.dtype = torch.float32,
                       progress=None, cancel=None):
@@ -184,7 +185,7 @@ def svd_merge_modules(files, inputs, *, mode: str = "add", density: float = 1.0,
     return out_modules, retained, warnings
 
 
-def merge_svd(loras, out_path, *, mode: str = "add", density: float = 1.0, rank: int = 32,
+def merge_svd(loras, out_path, *, mode: str = "add", density: float = DEFAULT_DENSITY, rank: int = 32,
               conv_rank: int | None = None, clamp_quantile: float | None = 0.99, seed: int = 0,
               majority: str = "sum", method: str = "auto", dtype: torch.dtype | str = torch.float16,
               overwrite: bool = False, progress=None, cancel=None) -> MergeSvdResult:

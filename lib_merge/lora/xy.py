@@ -46,7 +46,7 @@ from ..xy import (
 )
 from . import keys as K
 from .lbw import parse_lbw
-from .merge import MODES, LoraInput, check_options, common_family, merge_modules, open_inputs
+from .merge import DEFAULT_DENSITY, MODES, LoraInput, check_options, common_family, merge_modules, open_inputs
 from .svd import MODES as SVD_BASE_MODES
 
 SVD_MODES = tuple(f"svd_{m}" for m in SVD_BASE_MODES)
@@ -62,7 +62,7 @@ class LoraPlot:
     checkpoint: Path
     loras: list[LoraInput]
     mode: str = "concat"
-    density: float = 1.0
+    density: float = DEFAULT_DENSITY
     rank: int | None = None
     conv_rank: int | None = None
     merge_seed: int = 0

@@ -43,7 +43,10 @@ def election_name(text: str, allow_off: bool = False) -> str:
     return key
 
 
-DENSITY = Param("density", float, 1.0, (0.0, 1.0), "share of each δ kept by magnitude (top-k per tensor; 1 = keep all)")
+# the TIES paper (Yadav et al. 2023) keeps the top 20 % of each task vector by magnitude (k = 20), as do PEFT's
+# and mergekit's TIES examples: that, not "keep all", is what makes TIES resolve interference
+DENSITY = Param("density", float, 0.2, (0.0, 1.0),
+                "share of each δ kept by magnitude (top-k per tensor; the TIES paper's 0.2; 1 = keep all)")
 RESCALE = Param("rescale", bool, True, help="divide kept deltas by 1 − drop so their expected sum is unchanged")
 
 

@@ -21,6 +21,7 @@ import gradio as gr
 
 from ..core.errors import InputError, MergeError
 from ..core.files import OUTPUT_DTYPES
+from ..lora.merge import DEFAULT_DENSITY
 from ..host import Host
 from ..lora.actions import (
     FAMILY_LABEL,
@@ -145,7 +146,7 @@ class LoraTools(Section):
             with gr.Row():
                 self._field("lora_merge_mode", gr.Dropdown(list(MODES), value="concat", label="LoRA merge mode",
                                                            info=MODE_HELP, elem_id=f"{ELEM}lora_merge_mode"))
-                self._field("lora_merge_density", gr.Slider(0, 1, value=1.0, step=0.01, label="LoRA merge density",
+                self._field("lora_merge_density", gr.Slider(0, 1, value=DEFAULT_DENSITY, step=0.01, label="LoRA merge density",
                                                             info="share kept by ties/dare/magnitude_prune"))
                 self._field("lora_merge_seed", gr.Number(value=0, precision=0, label="LoRA merge seed",
                                                          info="DARE's random drops"))
@@ -241,7 +242,7 @@ class LoraTools(Section):
             with gr.Row():
                 self._field("lora_xy_mode", gr.Dropdown(list(ALL_MODES), value="concat", label="Plot merge mode",
                                                         info=MODE_HELP, elem_id=f"{ELEM}lora_xy_mode"))
-                self._field("lora_xy_density", gr.Slider(0, 1, value=1.0, step=0.01, label="Plot density"))
+                self._field("lora_xy_density", gr.Slider(0, 1, value=DEFAULT_DENSITY, step=0.01, label="Plot density"))
                 self._field("lora_xy_rank", gr.Number(value=0, precision=0, label="Plot SVD rank",
                                                       info="0: merge on the factors (svd_* modes: 32)"))
                 self._field("lora_xy_merge_seed", gr.Number(value=0, precision=0, label="Plot merge seed",
@@ -411,7 +412,7 @@ class LoraTools(Section):
             mode = v.get("lora_merge_mode") or "concat"
             if mode not in MODES:
                 raise InputError(f"Unknown LoRA merge mode '{mode}': use {', '.join(MODES)}.")
-            density = float(v.get("lora_merge_density") if v.get("lora_merge_density") is not None else 1.0)
+            density = float(v.get("lora_merge_density") if v.get("lora_merge_density") is not None else DEFAULT_DENSITY)
             seed = _int(v.get("lora_merge_seed") or 0, "seed")
             rank = conv = None
             if mode in SVD_MODES:
