@@ -611,10 +611,14 @@ def compose_grid(images: list, x_labels: list[str], y_labels: list[str], font_fi
     return grid, (left, top), (cw, ch)
 
 
-def kind_choices() -> list[str]:
-    """The axis kinds a UI offers: the fixed ones, then param:<name> for every method parameter."""
-    names = sorted({p.name for s in METHODS.values() for p in s.params} - {"alpha", "beta"})
-    return ["alpha", "beta", "preset", "method", "seed", "recipe"] + [f"param:{n}" for n in names]
+def kind_choices(spec=None) -> list[str]:
+    """The axis kinds a UI offers for method `spec` (None: any method): alpha and beta where it has them, preset
+    where it has per-block parameters, method, seed and recipe, then param:<name> for its other parameters."""
+    specs = [spec] if spec is not None else list(METHODS.values())
+    names = {p.name for s in specs for p in s.params}
+    blockwise = any(s.blockwise_params for s in specs)
+    fixed = [k for k in ("alpha", "beta") if k in names] + (["preset"] if blockwise else [])
+    return fixed + ["method", "seed", "recipe"] + [f"param:{n}" for n in sorted(names - {"alpha", "beta"})]
 
 
 __all__ = ["Axis", "XYResult", "Cell", "run_xy", "run_grid", "check_can_plot", "plan_cells", "apply_value", "compose_grid", "save_png",

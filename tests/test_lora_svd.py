@@ -195,6 +195,11 @@ def test_resize_keeps_strength_and_reports_retained(tmp_path):
         err = float((lf.delta(TO_K, torch.float64) - before[TO_K]).norm())
         assert err == pytest.approx(float(S[2:].pow(2).sum().sqrt()), rel=1e-3)
         assert small.ranks[TO_K] == (4, 2)
+    # a rank above the LoRA's own only pads zeros: refused with a sentence, nothing written
+    with pytest.raises(SvdError, match=r"'a.safetensors' has rank 4 \(its largest module\); resizing to rank 8 "
+                                       r"would only pad it with zeros. Choose a rank from 1 to 4."):
+        resize(src, tmp_path / "r8.safetensors", rank=8)
+    assert not (tmp_path / "r8.safetensors").exists()
 
 
 def test_dynamic_rules():

@@ -156,3 +156,15 @@ def test_generate_shows_its_steps_and_interrupt_says_what_it_stops(previewing_ho
     assert "Interrupting: the image stops at its next step" in stopped
     assert "interrupted" in shown[-1].lower() and "gallery" not in u
     assert "Interrupting: the running job stops at its next step." in tab.on_interrupt({})["status"]  # none now
+
+
+def test_the_xy_plot_offers_only_the_chosen_methods_parameters(tmp_path):
+    tab = make_tab(StandaloneHost(tmp_path / "models", tmp_path / "out", generate=False))
+    v = form(tab)
+    u = tab.on_method({**v, "method": "ties", "xy_x_kind": "alpha", "xy_y_kind": "param:density"})
+    x, y = u["xy_x_kind"], u["xy_y_kind"]
+    assert choice_values(x) == ["preset", "method", "seed", "recipe", "param:density", "param:election",
+                                "param:lambda"]
+    assert x["value"] == "preset" and y["value"] == "param:density"   # alpha is not TIES's: it falls back
+    u = tab.on_method({**v, "method": "weighted_sum"})
+    assert choice_values(u["xy_x_kind"]) == ["alpha", "preset", "method", "seed", "recipe"]

@@ -78,3 +78,20 @@ def test_ties_and_dare_defaults_are_the_papers_not_no_trimming():
     parser = make_parser()
     assert parser.parse_args(["lora", "merge", "--mode", "ties", "--lora", "a", "-o", "x"]).density == 0.2
     assert parser.parse_args(["lora", "merge-svd", "--lora", "a", "--rank", "4", "-o", "x"]).density == 0.2
+
+
+def test_errors_name_the_real_problem(tmp_path, capsys):
+    """A folder given as a model, FILE:abc as a LoRA: said as such (exit 2), not 'file not found'."""
+    from lib_merge.cli import main
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert main(["merge", "--method", "weighted_sum", "--model", str(folder), "--model", str(folder),
+                 "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert f"'{folder}' is a folder, not a model file" in capsys.readouterr().err
+    assert main(["lora", "merge", "--lora", "style.safetensors:abc", "-o", str(tmp_path / "y.safetensors")]) == 2
+    assert ("'style.safetensors:abc': 'abc' is not a weight. Write FILE, FILE:W or FILE:W_UNET:W_TE with numbers"
+            in capsys.readouterr().err)
+    from lib_merge.lora.merge import parse_lora_arg
+    assert parse_lora_arg("C:\\loras\\a.safetensors:0.5").w_unet == 0.5   # a drive letter is part of the path
+    assert str(parse_lora_arg("dir:with:colons/a.safetensors").path) == "dir:with:colons/a.safetensors"
+    assert not list(tmp_path.glob("*.safetensors"))

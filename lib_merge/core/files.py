@@ -303,14 +303,20 @@ def checkpoint_layout(path) -> tuple[str, dict[str, tuple[int, ...]]]:
         return detect(shapes, mf.name).family, shapes
 
 
-def open_model(path: str | os.PathLike) -> ModelFile:
-    """Open a checkpoint lazily, with errors that say what is wrong."""
+def check_model_file(path: str | os.PathLike) -> Path:
+    """The path of an existing model file, or an error that says what it is instead (missing, a folder)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"Model file not found: '{p}'.")
     if p.is_dir():
         raise InputError(f"'{p}' is a folder, not a model file (diffusers folders are not supported; "
                          f"use a single-file .safetensors checkpoint).")
+    return p
+
+
+def open_model(path: str | os.PathLike) -> ModelFile:
+    """Open a checkpoint lazily, with errors that say what is wrong."""
+    p = check_model_file(path)
     suffix = p.suffix.lower()
     with open(p, "rb") as f:
         magic = f.read(8)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..core.arch import Architecture
 from ..core.errors import InputError, MergeError
-from ..core.files import ModelFile, dtype_from_name, file_hashes, open_model
+from ..core.files import ModelFile, check_model_file, dtype_from_name, file_hashes, open_model
 from .execute import Progress, execute
 from .live import LiveCache
 from .plan import plan_merge
@@ -69,9 +69,7 @@ def resolve_model_path(ref: ModelRef, search_dirs: list[str | os.PathLike] = ())
     """A model reference -> an existing file: its path if it exists, else its name in the search folders."""
     if ref.path and not search_dirs:
         # an explicit path is taken as given: never silently fall back to another file of that name
-        if Path(ref.path).is_file():
-            return Path(ref.path)
-        raise InputError(f"Model file not found: '{ref.path}'.")
+        return check_model_file(ref.path)
     candidates = ([Path(ref.path)] if ref.path else []) + [Path(d) / ref.name for d in search_dirs]
     if not search_dirs:
         candidates.append(Path(ref.name))

@@ -136,6 +136,12 @@ def parse_lora_arg(text: str) -> LoraInput:
     path = ":".join(parts)
     if not path:
         raise InputError(f"'{text}': no file name before the weights.")
+    tail = parts[-1].strip() if len(parts) > 1 else ""
+    looks_like_path = "/" in tail or "\\" in tail or tail.lower().endswith((".safetensors", ".pt", ".ckpt", ".bin"))
+    if tail and not nums and not looks_like_path and not Path(path).exists() and not re.match(r"^[A-Za-z]$", parts[0]):
+        # FILE:abc: a weight that is not a number (a Windows drive letter, C:\..., is a path, not a weight)
+        raise InputError(f"'{text}': '{tail}' is not a weight. Write FILE, FILE:W or FILE:W_UNET:W_TE with "
+                         f"numbers (e.g. style.safetensors:0.8).")
     if not nums:
         return LoraInput(Path(path))
     if len(nums) == 1:

@@ -89,6 +89,11 @@ def resize(lora_path, out, rank: int | None = None, dynamic: str | None = None, 
     result = None
     with open_lora(lora_path) as lf:
         result = ResizeResult(Path(out), lf.family, warnings=list(lf.warnings))
+        own = max((m.rank for m in lf.modules.values()), default=0)
+        if rule is None and rank is not None and own and rank > own:
+            # a higher rank than the LoRA has adds only zero singular values: a bigger file, the same LoRA
+            raise SvdError(f"'{Path(lora_path).name}' has rank {own} (its largest module); resizing to rank {rank} "
+                           f"would only pad it with zeros. Choose a rank from 1 to {own}.")
         modules = {}
         names = list(lf.modules)
         for i, name in enumerate(names):

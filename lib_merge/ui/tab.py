@@ -317,7 +317,7 @@ class MergeTab(Section):
     def _build_xy(self) -> None:
         """XY plot: preview images over one or two axes (lib_merge/xy.py), each distinct merge done once."""
         from .. import xy
-        kinds = xy.kind_choices()
+        kinds = xy.kind_choices(self.first)
         self._xy_stop = threading.Event()   # set by Interrupt: the plot stops before its next merge or image
         can = self.host.can_generate
         with gr.Accordion("XY plot", open=False, elem_id=f"{ELEM}xy"):
@@ -363,7 +363,8 @@ class MergeTab(Section):
         slots = list(F.SLOTS) + ["models_more", "base"]
         sliders = [F.block_field(bank, b) for bank in range(F.BANKS) for b in F.ALL_BLOCKS]
         banks = [n for bank in range(F.BANKS) for n in (F.bank_text_field(bank), f"bw_msg:{bank}", f"bw_preset:{bank}")]
-        layout = (["method_help", "models_info", "mbw_note", "plot", "family", "model_c", "models_more", "base"]
+        layout = (["method_help", "models_info", "mbw_note", "plot", "family", "model_c", "models_more", "base",
+                   "xy_x_kind", "xy_y_kind"]
                   + [f"group:{m}" for m in METHODS] + [f"bw_bank:{b}" for b in range(F.BANKS)]
                   + [f"bw_head:{b}" for b in range(F.BANKS)] + sliders + banks)
         everything = list(self.c)
@@ -464,6 +465,7 @@ class MergeTab(Section):
              "models_more": gr.update(visible=spec.many),
              "base": gr.update(visible=spec.base != "none", label=f"Base model ({spec.base})")}
         u.update({f"group:{m}": gr.update(visible=m == spec.name) for m in METHODS})
+        u.update(self._xy_kinds(v, spec))
         params = F.blockwise(spec)
         family = v.get("family") or "sd1"
         u["mbw_note"] = gr.update(visible=not params, value=f"{spec.label} has no per-block parameter.")
@@ -488,6 +490,15 @@ class MergeTab(Section):
                 u[F.bank_text_field(bank)] = gr.update(value=format_blocks(F.bank_values(v, bank, family), family))
         u["plot"] = self._figure(v, spec, family)
         return _combine(u, self.on_models(v))
+
+    @staticmethod
+    def _xy_kinds(v: dict, spec: MethodSpec) -> dict:
+        """The XY axes offer only this method's parameters; an axis on a parameter it lacks falls back."""
+        from .. import xy
+        kinds = xy.kind_choices(spec)
+        x, y = v.get("xy_x_kind"), v.get("xy_y_kind")
+        return {"xy_x_kind": gr.update(choices=kinds, value=x if x in kinds else kinds[0]),
+                "xy_y_kind": gr.update(choices=[F.NONE] + kinds, value=y if y in kinds else F.NONE)}
 
     def on_models(self, v: dict) -> dict:
         """Each chosen model's architecture (headers only), a mismatch warning, and A's block layout."""
