@@ -146,7 +146,7 @@ def test_missing_keys_keep_a_or_error(tiny, tmp_path):
         merge(r, DictSink())
 
 
-def test_saved_file_metadata_and_recipe_redo_bit_for_bit(tiny, tmp_path):
+def test_saved_file_metadata_and_recipe_redo_bit_for_bit(tiny, tmp_path, capsys):
     out = tmp_path / "m.safetensors"
     cmd = [sys.executable, "-m", "lib_merge", "merge", "--method", "weighted_sum",
            "--model", str(tiny.path["sd1_a"]), "--model", str(tiny.path["sd1_b"]),
@@ -173,6 +173,26 @@ def test_saved_file_metadata_and_recipe_redo_bit_for_bit(tiny, tmp_path):
                         "--models-dir", str(tiny.folder), "-o", str(out2)], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert out.read_bytes() == out2.read_bytes()
+    # the same from the merged file itself (its metadata) and from `info --json` output, as the docs say
+    from lib_merge.cli import main
+    info = subprocess.run([sys.executable, "-m", "lib_merge", "info", str(out), "--json", "--no-hash"], cwd=ROOT,
+                          capture_output=True, text=True)
+    (tmp_path / "info.json").write_text(info.stdout)
+    for source, name in ((out, "from_file"), (tmp_path / "info.json", "from_info")):
+        again = tmp_path / f"{name}.safetensors"
+        assert main(["merge", "--recipe", str(source), "--models-dir", str(tiny.folder), "-o", str(again)]) == 0
+        assert again.read_bytes() == out.read_bytes(), name
+    # flags beside --recipe: the ones that define the merge are refused, the others override (and say so)
+    assert main(["merge", "--recipe", str(out), "--alpha", "0.9", "--models-dir", str(tiny.folder),
+                 "-o", str(tmp_path / "no.safetensors")]) == 2
+    assert not (tmp_path / "no.safetensors").exists()
+    assert "--recipe defines the merge, so --alpha cannot be given with it" in capsys.readouterr().err
+    assert main(["merge", "--recipe", str(out), "--dtype", "float32", "--models-dir", str(tiny.folder),
+                 "-o", str(tmp_path / "f32.safetensors")]) == 0
+    assert "--dtype float32 overrides the recipe's float16" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "f32.safetensors"), "pt") as f:
+        assert f.get_tensor(k_any := next(iter(f.keys()))).dtype in (torch.float32, torch.int64), k_any
+        assert json.loads(f.metadata()["merge_lab_recipe"])["dtype"] == "float32"
     # and the plain safetensors library reads the values
     sd = load_file(str(out2))
     B = tiny.state["sd1_b"]

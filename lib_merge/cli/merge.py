@@ -56,12 +56,10 @@ def build_recipe(args):
     from ..methods.spec import get_method
 
     if args.recipe:
-        try:
-            text = Path(args.recipe).read_text(encoding="utf-8")
-        except OSError as e:
-            raise InputError(f"Cannot read the recipe '{args.recipe}': {e.strerror}.") from None
-        recipe = Recipe.from_json(text)
-        return recipe
+        return _recipe_with_overrides(args)
+    for name, default in RECIPE_OVERRIDES.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if not args.method:
         raise InputError("Give --method (or --recipe FILE).")
     spec = get_method(args.method)
@@ -102,6 +100,30 @@ def build_recipe(args):
         ws = WeightSet.load(args.weights)
         recipe.layer_weights = {"param": args.weights_param or (spec.blockwise_params or [None])[0],
                                 "values": dict(ws)}
+    recipe.validate()
+    return recipe
+
+
+# flags that define the merge (refused beside --recipe: the recipe defines it), and those a recipe's value may be
+# overridden by (stated in the output), with their defaults without a recipe
+RECIPE_DEFINED = ("method", "model", "base", "alpha", "beta", "param", "blocks", "blocks_beta", "mask", "weights",
+                  "weights_param", "merge_vae", "unet_only")
+RECIPE_OVERRIDES = {"seed": 0, "compute_dtype": "float32", "dtype": "float16", "missing_keys": "keep_a",
+                    "nonfinite": "warn"}
+
+
+def _recipe_with_overrides(args):
+    from ..engine.recipe import recipe_from_file
+    given = [f"--{n.replace('_', '-')}" for n in RECIPE_DEFINED if getattr(args, n) not in (None, False, [])]
+    if given:
+        raise InputError(f"--recipe defines the merge, so {', '.join(given)} cannot be given with it: edit the "
+                         f"recipe, or merge without --recipe.")
+    recipe = recipe_from_file(args.recipe)
+    for name in RECIPE_OVERRIDES:
+        value = getattr(args, name)
+        if value is not None and value != getattr(recipe, name):
+            print(f"--{name.replace('_', '-')} {value} overrides the recipe's {getattr(recipe, name)}")
+            setattr(recipe, name, value)
     recipe.validate()
     return recipe
 
@@ -184,7 +206,9 @@ def cmd_ui(args) -> int:
 def add_merge_commands(sub) -> None:
     """merge, info, methods, presets."""
     m = sub.add_parser("merge", help="merge checkpoints into a .safetensors file")
-    m.add_argument("--recipe", help="a recipe JSON file (from a saved model's metadata or the UI)")
+    m.add_argument("--recipe", help="redo a merge: a merged .safetensors (its metadata), `info --json` output, or a "
+                                    "recipe JSON (the tab's recipe box); --seed, --dtype, --compute-dtype, "
+                                    "--missing-keys, --nonfinite override its values")
     m.add_argument("--method", help="merge method (see `methods`)")
     m.add_argument("--model", action="append", help="input model, in the method's order (A, B, C...); repeat for many")
     m.add_argument("--base", help="base model θ0 for the methods that use deltas (TIES, DARE, Model Stock...)")
@@ -199,13 +223,14 @@ def add_merge_commands(sub) -> None:
                                      "keys it does not list are copied from A")
     m.add_argument("--weights-param", help="the parameter the weight set gives (default: the method's first "
                                            "per-block parameter: alpha, lambda or ratio)")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
-    add_dtype(m, what="merged tensors")
+    m.add_argument("--seed", type=int, help="seed of the random methods (DARE...; default 0)")
+    m.add_argument("--compute-dtype", choices=["float32", "float64"], help="precision of the arithmetic (float32)")
+    add_dtype(m, default=None, default_text="float16", what="merged tensors")
     m.add_argument("--merge-vae", action="store_true", help="merge the VAE too (default: keep A's)")
     m.add_argument("--unet-only", action="store_true", help="keep A's text encoder(s)")
-    m.add_argument("--missing-keys", default="keep_a", choices=["keep_a", "error"])
-    m.add_argument("--nonfinite", default="warn", choices=["warn", "error"], help="what to do when NaN/Inf appear")
+    m.add_argument("--missing-keys", choices=["keep_a", "error"], help="a key of A missing in another model: "
+                                                                       "keep A's value (keep_a, default) or stop")
+    m.add_argument("--nonfinite", choices=["warn", "error"], help="what to do when NaN/Inf appear (warn)")
     m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     m.add_argument("--threads", type=int, help="worker threads (default: one per CPU core)")
     m.add_argument("--models-dir", action="append", help="folder(s) where a recipe's model names are looked up")

@@ -202,3 +202,62 @@ class Recipe:
     def from_metadata(cls, metadata: dict[str, str]) -> "Recipe | None":
         raw = metadata.get(METADATA_KEY)
         return cls.from_json(raw) if raw else None
+
+
+INFOTEXT_MARKER = "Merge Lab recipe:"   # before the recipe in an image's infotext
+
+
+def recipe_from_text(text: str, what: str = "the text", todo: str = "") -> "Recipe":
+    """The recipe in a text: recipe JSON, a file's metadata as JSON (or `info --json` output, which holds it
+    under "metadata"), or an image infotext holding `Merge Lab recipe: {...}` (quoted or not)."""
+    text = (text or "").strip()
+    at = text.lower().find(INFOTEXT_MARKER.lower())
+    rest = text[at + len(INFOTEXT_MARKER):].lstrip() if at >= 0 else text
+    decoder = json.JSONDecoder()
+    if rest.startswith('"'):  # the WebUI quotes infotext values that hold commas
+        try:
+            inner, _ = decoder.raw_decode(rest)
+            if isinstance(inner, str):
+                rest = inner
+        except ValueError:
+            pass
+    last_error = None
+    for i, ch in enumerate(rest):
+        if ch != "{":
+            continue
+        try:
+            obj, _ = decoder.raw_decode(rest, i)
+        except ValueError as e:
+            last_error = last_error or e
+            continue
+        if not isinstance(obj, dict):
+            continue
+        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else obj
+        if isinstance(meta.get(METADATA_KEY), str):
+            return Recipe.from_json(meta[METADATA_KEY])
+        if "method" in obj and "models" in obj:
+            return Recipe.from_dict(obj)
+    hint = f" ({last_error.msg})" if isinstance(last_error, json.JSONDecodeError) else ""
+    raise InputError(f"No Merge Lab recipe found in {what}{hint}" + (f": {todo}." if todo else "."))
+
+
+def recipe_from_file(path) -> "Recipe":
+    """The recipe of `merge --recipe FILE`: a merged .safetensors (its metadata), or a text file holding a recipe
+    JSON, `info --json` output or an infotext."""
+    from pathlib import Path
+    p = Path(path)
+    if p.suffix.lower() == ".safetensors":
+        from ..core.files import SafetensorsFile
+        with SafetensorsFile(p) as f:
+            recipe = Recipe.from_metadata(f.metadata)
+        if recipe is None:
+            raise InputError(f"'{p.name}' holds no Merge Lab recipe in its metadata (it was not merged by Merge Lab).")
+        return recipe
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"Cannot read the recipe '{p}': {e.strerror}.") from None
+    except UnicodeDecodeError:
+        raise InputError(f"'{p.name}' is not a text file: give a recipe JSON, `info --json` output, or a merged "
+                         f".safetensors.") from None
+    return recipe_from_text(text, f"'{p.name}'", "give a recipe JSON, `info --json` output, or a merged .safetensors")

@@ -18,7 +18,7 @@ from ..core.arch import COMPONENTS, TEXT_ENCODER, UNET, VAE, Architecture, block
 from ..core.errors import InputError, MergeError
 from ..core.generation import GenerationRequest
 from ..core.weights import format_blocks, parse_blocks
-from ..engine.recipe import METADATA_KEY, ModelRef, Recipe
+from ..engine.recipe import ModelRef, Recipe, recipe_from_text
 from ..methods import MAX_MODELS, METHODS, MethodSpec, Param, get_method
 
 # ------------------------------------------------------------------------------------------ field names
@@ -29,7 +29,6 @@ ALL_BLOCKS = block_names("sd1")              # one slider per name; SDXL's 20 na
 COMPONENT_LABELS = {UNET: "UNet", TEXT_ENCODER: "Text encoder", VAE: "VAE"}
 PARAM_LABELS = {"alpha": "α (alpha)", "beta": "β (beta)", "lambda": "λ (lambda)"}
 FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-INFOTEXT_MARKER = "Merge Lab recipe:"
 
 
 def param_field(method: str, param: str) -> str:
@@ -351,37 +350,12 @@ def save_recipe_weights(host, recipe: Recipe) -> str:
 
 
 def parse_recipe_text(text: str) -> Recipe:
-    """A recipe from pasted text: its JSON, a file's metadata, or an infotext holding
+    """A recipe from pasted text: its JSON, a file's metadata or `info --json`, or an infotext holding
     `Merge Lab recipe: {...}` (quoted or not). Lenient about what surrounds it."""
-    text = (text or "").strip()
-    if not text:
+    if not (text or "").strip():
         raise InputError("Paste a recipe (JSON) or an image's infotext first.")
-    at = text.lower().find(INFOTEXT_MARKER.lower())
-    rest = text[at + len(INFOTEXT_MARKER):].lstrip() if at >= 0 else text
-    decoder = json.JSONDecoder()
-    if rest.startswith('"'):  # the WebUI quotes infotext values that hold commas
-        try:
-            inner, _ = decoder.raw_decode(rest)
-            if isinstance(inner, str):
-                rest = inner
-        except ValueError:
-            pass
-    last_error = None
-    for i, ch in enumerate(rest):
-        if ch != "{":
-            continue
-        try:
-            obj, _ = decoder.raw_decode(rest, i)
-        except ValueError as e:
-            last_error = last_error or e
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get(METADATA_KEY), str):
-            return Recipe.from_json(obj[METADATA_KEY])
-        if isinstance(obj, dict) and "method" in obj and "models" in obj:
-            return Recipe.from_dict(obj)
-    hint = f" ({last_error.msg})" if isinstance(last_error, json.JSONDecodeError) else ""
-    raise InputError(f"No Merge Lab recipe found in the pasted text{hint}: paste the recipe JSON, or an "
-                     f"infotext with 'Merge Lab recipe: {{...}}'.")
+    return recipe_from_text(text, "the pasted text",
+                            "paste the recipe JSON, or an infotext with 'Merge Lab recipe: {...}'")
 
 
 # ------------------------------------------------------------------------------------------- the plot
