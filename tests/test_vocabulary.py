@@ -95,3 +95,42 @@ def test_errors_name_the_real_problem(tmp_path, capsys):
     assert parse_lora_arg("C:\\loras\\a.safetensors:0.5").w_unet == 0.5   # a drive letter is part of the path
     assert str(parse_lora_arg("dir:with:colons/a.safetensors").path) == "dir:with:colons/a.safetensors"
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_devices_pipes_and_pickles_answer_in_sentences(tiny, tmp_path, capsys):
+    """--device that cannot be used is exit 2 with a sentence and no file; a closed pipe is no traceback;
+    a pickle that needs code is refused without torch's protocol warning before it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from lib_merge.cli import main
+    from lib_merge.core.devices import check_device
+    out = tmp_path / "x.safetensors"
+    base = ["merge", "--method", "weighted_sum", "--model", str(tiny.path["sd1_a"]), "--model",
+            str(tiny.path["sd1_b"]), "-o", str(out)]
+    for device, message in (("tpu", "Unknown device 'tpu': use cpu, cuda or cuda:N"),
+                            ("cuda:x", "Unknown device 'cuda:x'")):
+        assert main(base + ["--device", device]) == 2 and message in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(base + ["--device", "cuda"]) == 2
+        assert "The device 'cuda' is not available: torch sees no CUDA GPU on this machine." in capsys.readouterr().err
+    assert not out.exists() and str(check_device("CPU")) == "cpu"
+
+    root = Path(__file__).resolve().parents[1]
+    piped = subprocess.run(f'"{sys.executable}" -m lib_merge methods | head -1', shell=True, cwd=root,
+                           capture_output=True, text=True)
+    assert piped.stdout.startswith("weighted_sum") and "Traceback" not in piped.stderr, piped.stderr
+
+    import pickle
+
+    class Code:
+        def __reduce__(self):
+            return (print, ("ran",))
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"w": Code()}, protocol=4))
+    p = subprocess.run([sys.executable, "-m", "lib_merge", "info", str(evil)], cwd=root, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith("error: 'evil.pt' is a pickle that needs to run code"), p.stderr
+    assert "ran" not in p.stdout

@@ -18,7 +18,8 @@ def _host(args, generate: bool | None = None):
     from ..host.standalone import StandaloneHost
     settings = {"merge_lab_cache_mb": args.cache_mb}
     if args.device:
-        settings["merge_lab_device"] = args.device
+        from ..core.devices import check_device
+        settings["merge_lab_device"] = str(check_device(args.device))   # a sentence now, not a failed trial later
     if args.imagereward_dir:
         settings["merge_lab_imagereward_dir"] = args.imagereward_dir
     return StandaloneHost(models_dir=args.models_dir, output_dir=args.output_dir, settings=settings, generate=generate)

@@ -243,8 +243,11 @@ def torch_load_weights(path: str | os.PathLike, **kwargs):
     modules.safe.unsafe_torch_load; called with weights_only=True that is at least as strict, so we call it.
     """
     import sys
+    import warnings
     load = getattr(sys.modules.get("modules.safe"), "unsafe_torch_load", None) or torch.load
-    return load(path, map_location="cpu", weights_only=True, **kwargs)
+    with warnings.catch_warnings():   # torch warns about protocols before refusing: our refusal says it all
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return load(path, map_location="cpu", weights_only=True, **kwargs)
 
 
 class PickleCheckpoint(ModelFile):

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ..core.arch import Architecture
 from ..core.errors import InputError, MergeError
+from ..core.devices import check_device
 from ..core.files import ModelFile, check_model_file, dtype_from_name, file_hashes, open_model
 from .execute import Progress, execute
 from .live import LiveCache
@@ -93,6 +94,7 @@ def merge(recipe: Recipe, sink: Sink, *, search_dirs: list[str | os.PathLike] = 
     """
     started = time.monotonic()
     recipe.validate()
+    device = str(check_device(device))   # before any file is opened or written
     refs = recipe.models + ([recipe.base] if recipe.base is not None else [])
     paths = [resolve_model_path(r, search_dirs) for r in refs]
     if isinstance(sink, FileSink):
