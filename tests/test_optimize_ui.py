@@ -87,9 +87,11 @@ def test_start_watch_to_the_end_with_plots_images_and_the_best_applied(section, 
     assert "Saved best_of_run.safetensors" in text(saved_best["am_status"])
 
 
-def test_stop_then_resume_from_the_list(section, previewing_host):
+def test_stop_then_resume_from_the_list(section, previewing_host, tmp_path):
     tab, v = section
-    v = {**v, "am_trials": 6}
+    # a scorer slow enough that Stop lands within the run on a loaded machine (plots are drawn between trials)
+    (tmp_path / "slow.py").write_text("import time\n" + SCORER.replace("    return", "    time.sleep(0.5)\n    return"))
+    v = {**v, "am_trials": 6, "am_scorer": f"python:{tmp_path / 'slow.py'}:s"}
     runs = runs_for(previewing_host)
     stopped = False
     for u in tab.autombw.on_start(v):

@@ -134,3 +134,39 @@ def test_devices_pipes_and_pickles_answer_in_sentences(tiny, tmp_path, capsys):
     p = subprocess.run([sys.executable, "-m", "lib_merge", "info", str(evil)], cwd=root, capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith("error: 'evil.pt' is a pickle that needs to run code"), p.stderr
     assert "ran" not in p.stdout
+
+
+def test_every_command_has_a_description_help_on_every_option_and_examples():
+    import argparse
+
+    from lib_merge.cli.help import Formatter
+    leaves = []
+
+    def walk(p, path):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        assert p.description, f"{' '.join(path)} has no description"
+        for a in p._actions:
+            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert a.help, f"{' '.join(path)}: {a.option_strings or a.dest} has no help"
+        if not subs:
+            leaves.append(" ".join(path))
+            assert p.epilog and p.epilog.startswith("examples:\n  merge-lab " + " ".join(path)), " ".join(path)
+            for a in p._actions:   # a default worth saying is said
+                if (a.option_strings and isinstance(a.default, (int, float, str)) and a.default is not False
+                        and a.default != argparse.SUPPRESS):
+                    said = Formatter("x")._get_help_string(a)
+                    assert "default" in said.lower() or f"({a.default}" in said, f"{' '.join(path)} {a.option_strings}"
+        for s in subs:
+            for name, sp in s.choices.items():
+                walk(sp, path + [name])
+    walk(make_parser(), [])
+    assert len(leaves) >= 33 and "merge" in leaves and "optimize run" in leaves and "lora merge-svd" in leaves
+
+
+def test_the_console_script_is_declared():
+    import tomllib
+    from pathlib import Path
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["merge-lab"] == "lib_merge.cli:console"
+    from lib_merge.cli import console
+    assert callable(console)

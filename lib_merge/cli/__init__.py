@@ -19,14 +19,24 @@ def make_parser() -> argparse.ArgumentParser:
     from .optimize import add_optimize_commands
     from .tools import add_tool_commands
 
-    p = argparse.ArgumentParser(prog="python -m lib_merge", description="Merge Lab: merge Stable Diffusion checkpoints.")
+    p = argparse.ArgumentParser(
+        prog="merge-lab", description="Merge Lab: merge Stable Diffusion checkpoints (SD1.x, SD2.x, SDXL) and LoRAs; "
+        "search block weights (AutoMBW). `merge-lab` and `python -m lib_merge` are the same command; "
+        "`merge-lab COMMAND --help` describes each command, with examples.")
     sub = p.add_subparsers(dest="command", required=True)
     add_merge_commands(sub)   # merge, info, methods, presets
     add_tool_commands(sub)    # mask, weights, normalize, noise, report
     add_lora_commands(sub)    # lora ...
     add_optimize_commands(sub)  # optimize ...
     add_app_commands(sub)     # demo, ui
+    from .help import finish
+    finish(p)                 # descriptions, defaults and examples on every command's --help
     return p
+
+
+def console() -> None:
+    """The `merge-lab` command (pyproject.toml's console script): the same as `python -m lib_merge`."""
+    sys.exit(main())
 
 
 def main(argv: list[str] | None = None) -> int:

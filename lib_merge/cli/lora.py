@@ -58,7 +58,7 @@ def cmd_lora_report(args) -> int:
 
 def add_report_command(lora_subparsers) -> None:
     p = lora_subparsers.add_parser("report", help="LoRA report: ranks, tags, ΔW norm per block, spectra (PNG)")
-    p.add_argument("file")
+    p.add_argument("file", help="the LoRA file")
     p.add_argument("--png", default=None, help="also draw the plots into this .png")
     p.add_argument("--tags", type=int, default=20, help="how many top tags to list (default 20)")
     p.add_argument("--spectra", type=int, default=4, help="how many of the largest modules' spectra (default 4)")
@@ -69,7 +69,7 @@ def add_lora_commands(subparsers) -> None:
     lo = subparsers.add_parser("lora", help="LoRA files: info, merge, bake, extract, resize, merge-svd")
     sub = lo.add_subparsers(dest="lora_command", required=True)
     i = sub.add_parser("info", help="describe a LoRA: format, architecture, modules, ranks, alphas, tags")
-    i.add_argument("file")
+    i.add_argument("file", help="the LoRA file")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--tags", type=int, default=20, help="how many top tags to list (default 20)")
     i.set_defaults(func=cmd_lora_info)

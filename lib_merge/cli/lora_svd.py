@@ -87,7 +87,7 @@ def add_svd_commands(lora_sub) -> None:
     e.set_defaults(func=cmd_extract)
 
     r = lora_sub.add_parser("resize", help="change a LoRA's rank (fixed or dynamic), keeping its strength")
-    r.add_argument("file")
+    r.add_argument("file", help="the LoRA to resize (a new file is written)")
     r.add_argument("--rank", type=int, default=None, help="new rank (a cap with --dynamic)")
     r.add_argument("--dynamic", default=None, help="sv_ratio:X | sv_cumulative:X | sv_fro:X")
     r.add_argument("--max-rank", type=int, default=None, help="cap of a dynamic rank")

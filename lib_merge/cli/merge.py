@@ -235,21 +235,21 @@ def add_merge_commands(sub) -> None:
     m.add_argument("--threads", type=int, help="worker threads (default: one per CPU core)")
     m.add_argument("--models-dir", action="append", help="folder(s) where a recipe's model names are looked up")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output file (never an input)")
-    m.add_argument("-o", "--output", required=True)
+    m.add_argument("-o", "--output", required=True, help="the merged .safetensors to write")
     m.set_defaults(func=cmd_merge)
 
     i = sub.add_parser("info", help="describe a checkpoint: architecture, components, hashes, metadata")
-    i.add_argument("file")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("file", help="the checkpoint (.safetensors or .ckpt)")
+    i.add_argument("--json", action="store_true", help="machine-readable output (merge --recipe reads it)")
     i.add_argument("--no-hash", action="store_true", help="skip the sha256 (fast on big files)")
     i.set_defaults(func=cmd_info)
 
     me = sub.add_parser("methods", help="list merge methods and their parameters")
-    me.add_argument("--json", action="store_true")
+    me.add_argument("--json", action="store_true", help="machine-readable output")
     me.set_defaults(func=cmd_methods)
 
     pr = sub.add_parser("presets", help="list block-weight presets")
-    pr.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"])
+    pr.add_argument("--family", default="sd1", choices=["sd1", "sd2", "sdxl"], help="whose blocks the presets are shown for")
     pr.set_defaults(func=cmd_presets)
 
 
