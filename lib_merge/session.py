@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .core.errors import MergeError
+from .core.files import human_size
 from .engine.recipe import ModelRef, Recipe
 from .host import Host, LoadedMerge
 
@@ -127,7 +128,7 @@ def save(host: Host, recipe: Recipe, name: str, *, overwrite: bool = False, devi
         host.saved(path)
     except MergeError as e:
         return MergeSummary(False, str(e))
-    return MergeSummary(True, f"Saved {path.name} ({_size(path.stat().st_size)}) in "
+    return MergeSummary(True, f"Saved {path.name} ({human_size(path.stat().st_size)}) in "
                               f"{time.monotonic() - started:.1f} s.", recipe.public_json(indent=2), path.stem,
                         path=str(path), seconds=time.monotonic() - started, warnings=result.warnings)
 
@@ -166,10 +167,6 @@ def status(host: Host) -> dict:
     return {"host": host.name, "can_generate": host.can_generate, "has_live_model": host.has_live_model,
             "loaded": None if loaded is None else {"name": loaded.name, "short_hash": loaded.short_hash,
                                                    "recipe": loaded.recipe_json}}
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def recipe_hash(recipe: Recipe) -> str:

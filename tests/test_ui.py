@@ -168,7 +168,11 @@ def test_method_switch_shows_that_methods_widgets(tab):
     assert u["base"]["visible"] is True and "required" in u["base"]["label"]
     assert u["bw_bank:0"]["visible"] is True and u["bw_bank:1"]["visible"] is False
     assert "λ" in u["bw_head:0"]["value"]
-    assert u[F.block_field(0, "IN05")]["maximum"] == 3.0
+    # block sliders run 0..1 while the values fit (1.0 at the end), λ's whole range [-1, 3] once one does not
+    assert (u[F.block_field(0, "IN05")]["minimum"], u[F.block_field(0, "IN05")]["maximum"]) == (0.0, 1.0)
+    wide = tab.on_text({**v, "method": F.method_choice(METHODS["ties"]), F.bank_text_field(0): "IN*=2.5"}, 0)
+    assert (wide[F.block_field(0, "IN05")]["minimum"], wide[F.block_field(0, "IN05")]["maximum"]) == (-1.0, 3.0)
+    assert wide[F.block_field(0, "IN05")]["value"] == 2.5
 
     u = tab.on_method({**v, "method": F.method_choice(METHODS["sum_twice"])})
     assert u["bw_bank:1"]["visible"] is True and "β" in u["bw_head:1"]["value"]
@@ -358,7 +362,7 @@ def test_many_model_method_with_base_and_more_models(tab, host):
     assert [m.name for m in recipe.models] == [A, B, C] and recipe.base.name == C
     assert recipe.params["density"] == 0.5 and recipe.blocks["lambda"][block_names("sd1").index("OUT03")] == 0.5
     info = tab.on_models(v)["models_info"]["value"]
-    assert "**#4**" in info and "**Base**" in info
+    assert "**#3**" in info and "**#4**" not in info and "**Base**" in info   # C empty: the next model is #3
 
 
 def test_unexpected_errors_become_a_message(tab, host, monkeypatch):

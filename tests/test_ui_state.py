@@ -168,3 +168,12 @@ def test_the_xy_plot_offers_only_the_chosen_methods_parameters(tmp_path):
     assert x["value"] == "preset" and y["value"] == "param:density"   # alpha is not TIES's: it falls back
     u = tab.on_method({**v, "method": "weighted_sum"})
     assert choice_values(u["xy_x_kind"]) == ["alpha", "preset", "method", "seed", "recipe"]
+
+
+def test_small_things_said_right(tmp_path):
+    """The LoRA merge's default name follows its mode; sizes in the unit that suits them."""
+    from lib_merge.core.files import human_size
+    tab = make_tab(StandaloneHost(tmp_path / "models", tmp_path / "out", generate=False))
+    assert tab.lora_tools.on_merge_mode({"lora_merge_mode": "ties"})["lora_merge_name"]["placeholder"] == "lora_merge_ties"
+    assert tab.lora_tools.c["lora_merge_name"].placeholder == "lora_merge_concat"
+    assert [human_size(n) for n in (31_000_000, 5 * 2**30, 2048, 10)] == ["29.56 MiB", "5.00 GiB", "2.00 KiB", "10 bytes"]

@@ -38,6 +38,14 @@ MAX_HEADER_BYTES = 100 << 20  # a real header is a few hundred KB; more means a 
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
+def human_size(n: int) -> str:
+    """A size for people, in the unit that suits it: 29.6 MiB, not 0.029 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
 OUTPUT_DTYPES = ("float16", "bfloat16", "float32")   # what a merge, bake or LoRA tool writes: one spelling everywhere
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
                  "fp64": "float64", "double": "float64", "bf16": "bfloat16"}   # old spellings, still accepted
@@ -487,8 +495,8 @@ class SafetensorsWriter:
         free = _free_bytes(folder)
         if free is not None and free < self.total_size + (16 << 20):
             raise DiskFullError(
-                f"Not enough free space in '{folder}': the output needs {self.total_size / 2**30:.2f} GiB, "
-                f"{free / 2**30:.2f} GiB is free.")
+                f"Not enough free space in '{folder}': the output needs {human_size(self.total_size)}, "
+                f"{human_size(free)} is free.")
         self.tmp_path = folder / f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.partial"
         try:
             self._fd = os.open(self.tmp_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -505,7 +513,7 @@ class SafetensorsWriter:
             else:
                 self.abort()
                 if e.errno in (28, 122):  # ENOSPC, EDQUOT
-                    raise DiskFullError(f"Not enough free space in '{folder}' for {self.total_size / 2**30:.2f} GiB.") from None
+                    raise DiskFullError(f"Not enough free space in '{folder}' for {human_size(self.total_size)}.") from None
                 raise OutputError(f"Cannot reserve space for '{self.path.name}': {e.strerror}.") from None
 
     def write(self, key: str, tensor: torch.Tensor, row0: int = 0) -> None:

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..core.arch import component_of, detect, summarize_components
-from ..core.files import dtype_name, file_hashes, open_model
+from ..core.files import dtype_name, file_hashes, human_size, open_model
 from ..engine.recipe import METADATA_KEY
 
 
@@ -40,7 +40,7 @@ def model_info(path: str, hashes: bool = True) -> dict:
 
 def format_info(info: dict) -> str:
     lines = [f"File:          {info['file']}",
-             f"Size:          {info['size_bytes'] / 2**30:.3f} GiB",
+             f"Size:          {human_size(info['size_bytes'])}",
              f"Architecture:  {info['architecture_label']} ({info['block_count']} block weights)",
              f"Parameters:    {info['params']:,} ({info['dtype']})"]
     for comp, s in info["components"].items():

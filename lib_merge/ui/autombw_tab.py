@@ -240,7 +240,8 @@ class AutoMBW(Section):
                                                   elem_id=f"{ELEM}am_convergence"))
             self._show("am_blocks_plot", gr.Image(label="Weights: best, current, spread of the top trials",
                                                   type="filepath", interactive=False))
-        self._show("am_gallery", gr.Gallery(label="Latest trial's images", columns=4, elem_id=f"{ELEM}am_gallery"))
+        self._show("am_gallery", gr.Gallery(label="Latest trial's images", columns=4, object_fit="contain",
+                                            elem_id=f"{ELEM}am_gallery"))
         with gr.Row():
             F("am_ratings", gr.Textbox(label="Manual scorer: your ratings, one number per image (e.g. 0-10)",
                                        elem_id=f"{ELEM}am_ratings"))

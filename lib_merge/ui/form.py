@@ -16,6 +16,7 @@ from typing import Any
 from .. import session
 from ..core.arch import COMPONENTS, TEXT_ENCODER, UNET, VAE, Architecture, block_names, check_same_family
 from ..core.errors import InputError, MergeError
+from ..core.files import human_size
 from ..core.generation import GenerationRequest
 from ..core.weights import format_blocks, parse_blocks
 from ..engine.recipe import ModelRef, Recipe, recipe_from_text
@@ -98,13 +99,6 @@ class ModelInfo:
         if self.error:
             return f"**{slot}** `{self.name}`: ⚠ {self.error}"
         return f"**{slot}** `{self.name}`: {self.arch.label}, {human_size(self.size)}"
-
-
-def human_size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} bytes"
 
 
 class ArchCache:

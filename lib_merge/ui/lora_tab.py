@@ -156,7 +156,7 @@ class LoraTools(Section):
                 self._field("lora_merge_conv_rank", gr.Number(value=0, precision=0, label="SVD conv rank",
                                                               info="3x3 convs; 0: the rank"))
                 self._field("lora_merge_name", gr.Textbox(label="Merged LoRA file name",
-                                                          placeholder="lora_merge_concat",
+                                                          placeholder=self.merge_name("concat"),
                                                           elem_id=f"{ELEM}lora_merge_name"))
             self._show("lora_merge_run", gr.Button("Merge LoRAs", variant="primary", elem_id=f"{ELEM}lora_merge_run"))
             self._show("lora_merge_status", gr.HTML("", elem_id=f"{ELEM}lora_merge_status"))
@@ -270,7 +270,7 @@ class LoraTools(Section):
                 self._show("lora_xy_run", gr.Button("Run LoRA XY plot", variant="primary", visible=can,
                                                     elem_id=f"{ELEM}lora_xy_run"))
             self._show("lora_xy_status", gr.HTML("", elem_id=f"{ELEM}lora_xy_status"))
-            self._show("lora_xy_gallery", gr.Gallery(label="LoRA XY plot (the grid, then each cell)", columns=4,
+            self._show("lora_xy_gallery", gr.Gallery(label="LoRA XY plot (the grid, then each cell)", columns=4, object_fit="contain",
                                                      elem_id=f"{ELEM}lora_xy_gallery"))
 
     def _wire(self) -> None:
@@ -287,6 +287,7 @@ class LoraTools(Section):
         self._on(c["lora_xy_add"].change, self.on_xy_add, ["lora_xy_add", "lora_xy_list"],
                  ["lora_xy_list", "lora_xy_add"], **quick)
         self._on(c["lora_interrupt"].click, self.on_interrupt, [], ["lora_notice"], **quick)
+        self._on(c["lora_merge_mode"].change, self.on_merge_mode, ["lora_merge_mode"], ["lora_merge_name"], **quick)
         lists = self.list_fields()
         after = [*lists, *self.page_fields]   # a job's result: new files in the lists, the loaded model's line
         self._on(c["lora_merge_run"].click, self.on_merge, None, ["lora_merge_status", *after], **job)
@@ -403,6 +404,14 @@ class LoraTools(Section):
         return progress
 
     # ---- merge
+    @staticmethod
+    def merge_name(mode: str) -> str:
+        """The merged LoRA's file name when none is typed (the name box's placeholder shows it)."""
+        return f"lora_merge_{mode or 'concat'}"
+
+    def on_merge_mode(self, v: dict) -> dict:
+        return {"lora_merge_name": gr.update(placeholder=self.merge_name(v.get("lora_merge_mode")))}
+
     def on_merge(self, v: dict) -> Iterator[dict]:
         step: list = [None, ""]
 
@@ -418,7 +427,7 @@ class LoraTools(Section):
             if mode in SVD_MODES:
                 rank = _int(v.get("lora_merge_rank"), "SVD rank", 1)
                 conv = _int(v.get("lora_merge_conv_rank") or 0, "SVD conv rank") or None
-            name = (v.get("lora_merge_name") or "").strip() or f"lora_merge_{mode}"
+            name = (v.get("lora_merge_name") or "").strip() or self.merge_name(mode)
             out = self._new_lora(v, name, [i.path for i in items])
             dtype, overwrite = self._dtype(v), bool(v.get("lora_overwrite"))
             return lambda: merge_loras(items, out, mode=mode, density=density, seed=seed, rank=rank, conv_rank=conv,

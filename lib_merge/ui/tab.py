@@ -82,6 +82,15 @@ def param_widget(spec: MethodSpec, p: Param):
     return gr.Number(value=p.default, **kw)
 
 
+def slider_range(p: Param | None, values=()) -> tuple[float, float]:
+    """A block slider's range: 0 to 1 (so 1.0 sits at the end, as on SuperMerger's MBW sliders) while every value
+    fits, the parameter's whole range once one does not (a text, preset or recipe beyond 1)."""
+    lo, hi = p.range if p is not None and p.range else (-1.0, 2.0)
+    if lo <= 0 and hi >= 1 and all(0 <= float(x) <= 1 for x in values):
+        return 0.0, 1.0
+    return lo, hi
+
+
 def _devices() -> list[str]:
     import torch
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -207,8 +216,8 @@ class MergeTab(Section):
                 self._show(f"bw_bank:{bank}", col)
 
     def _build_sliders(self, bank: int, p: Param | None) -> None:
-        lo, hi = p.range if p and p.range else (-1.0, 2.0)
         value = p.default if p else 0.5
+        lo, hi = slider_range(p, [value])
         ins = [b for b in F.ALL_BLOCKS if b.startswith("IN")]
         outs = [b for b in F.ALL_BLOCKS if b.startswith("OUT")]
         with gr.Row():
@@ -297,7 +306,7 @@ class MergeTab(Section):
                 self._show("generate", gr.Button("Generate", elem_id=f"{ELEM}generate"))
                 self._show("merge_generate", gr.Button("Merge & Generate", variant="primary",
                                                        elem_id=f"{ELEM}merge_generate"))
-            self._show("gallery", gr.Gallery(label="Previews", columns=4, elem_id=f"{ELEM}gallery"))
+            self._show("gallery", gr.Gallery(label="Previews", columns=4, object_fit="contain", elem_id=f"{ELEM}gallery"))
         self._show("gen_group", gen)
         self._build_xy()
         self._show("gen_note", gr.Markdown(
@@ -345,7 +354,7 @@ class MergeTab(Section):
                 self._show("xy_run", gr.Button("Run XY plot", variant="primary", visible=can,
                                                elem_id=f"{ELEM}xy_run"))
             self._show("xy_status", gr.HTML("", elem_id=f"{ELEM}xy_status"))
-            self._show("xy_gallery", gr.Gallery(label="XY plot (the grid, then each cell)", columns=4,
+            self._show("xy_gallery", gr.Gallery(label="XY plot (the grid, then each cell)", columns=4, object_fit="contain",
                                                 elem_id=f"{ELEM}xy_gallery"))
 
     def _build_recipe(self) -> None:
@@ -477,11 +486,12 @@ class MergeTab(Section):
             if p is None or not p.range:
                 continue
             lo, hi = p.range
+            shown = slider_range(p, [min(hi, max(lo, float(v[F.block_field(bank, b)]))) for b in F.ALL_BLOCKS])
             clamped = False
             for b in F.ALL_BLOCKS:
                 name = F.block_field(bank, b)
                 x = float(v[name])
-                upd = {"minimum": lo, "maximum": hi}
+                upd = {"minimum": shown[0], "maximum": shown[1]}
                 if not lo <= x <= hi:
                     v[name], clamped = min(hi, max(lo, x)), True
                     upd["value"] = v[name]
@@ -505,8 +515,10 @@ class MergeTab(Section):
         spec = F.method_spec(v.get("method"))
         slots = [F.slot_value(v.get(s)) for s in F.SLOTS]
         if spec.many:
-            pairs = list(zip(("A", "B", "C"), slots)) + [
-                (f"#{i}", F.slot_value(m)) for i, m in enumerate(v.get("models_more") or [], start=4)]
+            filled = [(r, m) for r, m in zip(("A", "B", "C"), slots) if m]
+            more = [F.slot_value(m) for m in v.get("models_more") or [] if F.slot_value(m)]
+            # numbered in merge order: with C empty the first of "More models" is the third model, #3
+            pairs = filled + [(f"#{i}", m) for i, m in enumerate(more, start=len(filled) + 1)]
         else:
             pairs = list(zip(spec.inputs, slots))
         if spec.base != "none":
@@ -577,9 +589,10 @@ class MergeTab(Section):
         family = self._family(v)
         v = dict(v)
         u: dict = {}
+        lo, hi = slider_range(self._bank_param(v, bank), values)
         for b, x in zip(F.families_blocks(family), values):
             v[F.block_field(bank, b)] = x
-            u[F.block_field(bank, b)] = gr.update(value=x)
+            u[F.block_field(bank, b)] = gr.update(value=x, minimum=lo, maximum=hi)
         u[F.bank_text_field(bank)] = gr.update(value=format_blocks(values, family))
         u[f"bw_msg:{bank}"] = gr.update(value=message)
         u["plot"] = self.on_plot(v)["plot"]
