@@ -54,7 +54,7 @@ from .core.errors import InputError, MergeError
 from .host import Host
 
 PREFIX = "/merge-lab/v1"
-RECIPE_OPTIONS = ("seed", "compute_dtype", "dtype", "components", "missing_keys", "nonfinite")
+RECIPE_OPTIONS = ("seed", "compute_dtype", "dtype", "components", "missing_keys", "nonfinite", "elemental", "adjust")
 
 
 def recipe_from_body(host: Host, body: Any):

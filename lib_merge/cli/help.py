@@ -10,7 +10,9 @@ EXAMPLES = {
               f"{P} merge --method add_difference --model A --model B --model C --alpha 1 -o out.safetensors",
               f'{P} merge --method weighted_sum --model A --model B --blocks "IN*=0.3,M00=1,OUT*=0.7" -o out.safetensors',
               f"{P} merge --method ties --base sd15.safetensors --model m1 --model m2 --model m3 -o ties.safetensors",
-              f"{P} merge --recipe AB.safetensors --models-dir models/ --dtype float32 -o again.safetensors"],
+              f"{P} merge --recipe AB.safetensors --models-dir models/ --dtype float32 -o again.safetensors",
+              f'{P} merge --method weighted_sum --model A --model B --alpha 0.5 --elemental "OUT05:attn2:0.2" '
+              f'--adjust "2,0,0,1" -o touched.safetensors'],
     "info": [f"{P} info merged.safetensors", f"{P} info merged.safetensors --json --no-hash > info.json"],
     "methods": [f"{P} methods", f"{P} methods --json"],
     "presets": [f"{P} presets --family sdxl"],

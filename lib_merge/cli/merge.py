@@ -79,7 +79,8 @@ def build_recipe(args):
     base = ModelRef(name=Path(args.base).name, path=args.base) if args.base else None
     recipe = Recipe(method=spec.name, models=[ModelRef(name=Path(m).name, path=m) for m in args.model],
                     base=base, params=params, seed=args.seed, compute_dtype=args.compute_dtype, dtype=args.dtype,
-                    components=components, missing_keys=args.missing_keys, nonfinite=args.nonfinite)
+                    components=components, missing_keys=args.missing_keys, nonfinite=args.nonfinite,
+                    elemental=args.elemental, adjust=args.adjust)
     if args.blocks or args.blocks_beta:
         # the architecture decides how many block weights there are: read A's header
         with open_model(args.model[0]) as a:
@@ -107,7 +108,7 @@ def build_recipe(args):
 # flags that define the merge (refused beside --recipe: the recipe defines it), and those a recipe's value may be
 # overridden by (stated in the output), with their defaults without a recipe
 RECIPE_DEFINED = ("method", "model", "base", "alpha", "beta", "param", "blocks", "blocks_beta", "mask", "weights",
-                  "weights_param", "merge_vae", "unet_only")
+                  "weights_param", "merge_vae", "unet_only", "elemental", "adjust")
 RECIPE_OVERRIDES = {"seed": 0, "compute_dtype": "float32", "dtype": "float16", "missing_keys": "keep_a",
                     "nonfinite": "warn"}
 
@@ -223,6 +224,11 @@ def add_merge_commands(sub) -> None:
                                      "keys it does not list are copied from A")
     m.add_argument("--weights-param", help="the parameter the weight set gives (default: the method's first "
                                            "per-block parameter: alpha, lambda or ratio)")
+    m.add_argument("--elemental", metavar="BLOCKS:ELEMENTS:RATIO,...",
+                   help="SuperMerger's elemental ratios: e.g. 'OUT04 OUT05:attn2:0.5, NOT OUT04:attn:1' sets α (the "
+                        "first per-block parameter) of the keys whose names hold the elements, after the block weights")
+    m.add_argument("--adjust", metavar="IN,OUT,OUT2,CONT,BRI,COL1,COL2,COL3",
+                   help="SuperMerger's Adjust: up to 8 numbers for detail, contrast, brightness and colour (about ±5)")
     m.add_argument("--seed", type=int, help="seed of the random methods (DARE...; default 0)")
     m.add_argument("--compute-dtype", choices=["float32", "float64"], help="precision of the arithmetic (float32)")
     add_dtype(m, default=None, default_text="float16", what="merged tensors")

@@ -212,12 +212,14 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
             raise CancelledError("Merge interrupted: nothing was written.")
         ws = workspace()
         if task.action == "copy":
-            for rows in _chunks(task.shape, chunk_elems):
+            for rows in _chunks(task.shape, None if task.adjust else chunk_elems):
                 t = read(a, task.key, rows, ws)
+                if task.adjust:
+                    t = _adjusted(task, t.to(device, compute_dtype))
                 emit(task, ws.cast(t, sink.dtype_for(task.key, task.out_dtype)), rows[0] if rows else 0)
         else:
             stream = KeyStream(task.key, task.shape, models, base, ws, device, compute_dtype,
-                               chunk_elems if spec.chunkable else None, seed, task.region)
+                               chunk_elems if spec.chunkable and not task.adjust else None, seed, task.region)
             stats = spec.prepare(stream, **task.params) if spec.prepare is not None else None
             if task.region is not None:
                 full = a.read(task.key).to(device, compute_dtype)
@@ -228,6 +230,8 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
                     out = full
                 if mask is not None:
                     out = _apply_mask(mask, task, out, chunk.rows, a, read, ws, device, compute_dtype)
+                if task.adjust:
+                    out = _adjusted(task, out)
                 emit(task, ws.cast(out, sink.dtype_for(task.key, task.out_dtype)), chunk.rows[0] if chunk.rows else 0)
         with lock:
             done[0] += task.nbytes
@@ -262,6 +266,15 @@ def execute(plan: Plan, inputs: list[ModelFile], sink: Sink, *, seed: int = 0,
         if torch.get_num_threads() != old_threads:
             torch.set_num_threads(old_threads)
     return bad_keys
+
+
+def _adjusted(task: Task, t: torch.Tensor) -> torch.Tensor:
+    """SuperMerger's Adjust on one whole tensor (core/elemental.py): a factor, or a value per channel."""
+    kind, value = task.adjust
+    if kind == "scale":
+        return t * float(value)
+    shift = torch.tensor(value, dtype=t.dtype, device=t.device)
+    return t + shift[: t.shape[0]] if t.dim() == 1 else t + shift.reshape(-1, *([1] * (t.dim() - 1)))[: t.shape[0]]
 
 
 def _apply_mask(mask, task: Task, out: torch.Tensor, rows, a: ModelFile, read, ws, device, dtype) -> torch.Tensor:

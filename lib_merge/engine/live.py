@@ -73,7 +73,7 @@ class LiveCache:
         spec = get_method(recipe.method)
         d = recipe.to_dict()
         d["params"] = {k: v for k, v in d["params"].items() if k not in spec.blockwise_params}
-        for k in ("blocks", "layer_weights", "arch"):
+        for k in ("blocks", "layer_weights", "elemental", "arch"):   # per-key values: a re-merge follows them
             d.pop(k, None)
         for m in d["models"] + ([d["base"]] if d.get("base") else []):
             m.pop("sha256", None), m.pop("short_hash", None)

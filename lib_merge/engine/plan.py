@@ -8,6 +8,7 @@ import torch
 
 from ..core import arch as archmod
 from ..core.arch import Architecture, component_of
+from ..core.elemental import adjust_ops, parse_elemental
 from ..core.errors import InputError
 from ..core.files import ModelFile, dtype_from_name
 from ..core.weights import value_for_key
@@ -26,6 +27,7 @@ class Task:
     params: dict[str, Any] = field(default_factory=dict)
     region: tuple[int, ...] | None = None   # merge only this leading region (shape mismatch); rest from A
     nbytes: int = 0
+    adjust: tuple[str, object] | None = None  # ("scale", f) or ("shift", per-channel values): SuperMerger's Adjust
 
 
 @dataclass
@@ -60,6 +62,10 @@ def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
         if values is not None and len(values) != count:
             raise InputError(f"{arch.label} takes {count} block weights for '{name}', the recipe has {len(values)}.")
     out_dtype = dtype_from_name(recipe.dtype)
+    rules = parse_elemental(recipe.elemental, family) if recipe.elemental else []
+    elemental_param = spec.param(spec.blockwise_params[0]) if rules else None
+    used_rules: set[str] = set()
+    adjust = adjust_ops(recipe.adjust, family)
     a = inputs[0]
     others = inputs[1:]
     tasks: list[Task] = []
@@ -73,7 +79,7 @@ def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
         comp = component_of(key)
         merge = (comp in recipe.components and info.is_float and not key.endswith("position_ids"))
         dtype = out_dtype if info.is_float and not key.endswith("position_ids") else info.dtype
-        task = Task(key, "copy", info.shape, dtype, nbytes=info.numel * dtype.itemsize)
+        task = Task(key, "copy", info.shape, dtype, nbytes=info.numel * dtype.itemsize, adjust=adjust.get(key))
         tasks.append(task)
         if not merge:
             continue
@@ -99,7 +105,17 @@ def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
                 unweighted.append(key)
                 continue
             task.params[recipe.layer_weights["param"]] = values[key]
+        if rules:   # elemental ratios come last: they override the block weights for the keys they match
+            for rule in reversed(rules):
+                if rule.matches(key, archmod.block_of(key, family)):
+                    task.params[elemental_param.name] = elemental_param.coerce(rule.ratio, "elemental")
+                    used_rules.add(rule.text)
+                    break
         task.action = "merge"
+    unused = [r.text for r in rules if r.text not in used_rules]
+    if unused:
+        warnings.append(f"Elemental entries that matched no merged key (check the block and element names): "
+                        f"{'; '.join(unused)}.")
     if missing:
         warnings.append(f"{len(missing)} key(s) of A are missing from other models and were copied from A "
                         f"(e.g. {missing[0]}).")

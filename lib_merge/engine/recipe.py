@@ -50,6 +50,8 @@ class Recipe:
     nonfinite: str = "warn"          # warn | error
     mask: ModelRef | None = None     # a mask file (True = may change; elsewhere A's values are kept)
     layer_weights: dict | None = None  # {"param": name, "values": {key: value}}: per-key values of one parameter
+    elemental: str | None = None     # SuperMerger's elemental ratios, "BLOCKS:ELEMENTS:RATIO, ..." (core/elemental.py)
+    adjust: list[float] | None = None  # SuperMerger's Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3
     arch: str | None = None          # filled in when the inputs are opened
 
     def validate(self) -> None:
@@ -79,6 +81,17 @@ class Recipe:
             raise InputError(f"nonfinite must be warn or error, not '{self.nonfinite}'.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise InputError(f"The seed must be an integer, not '{self.seed}'.")
+        if self.elemental is not None:
+            from ..core.elemental import parse_elemental
+            if not isinstance(self.elemental, str):
+                raise InputError("Recipe: elemental must be text, BLOCKS:ELEMENTS:RATIO entries.")
+            if not spec.blockwise_params:
+                raise InputError(f"{self.method} has no per-block parameter that elemental ratios could set.")
+            parse_elemental(self.elemental, "sd1")   # the syntax now; SDXL's names (a subset) when planned
+            self.elemental = self.elemental.strip() or None
+        if self.adjust is not None:
+            from ..core.elemental import check_adjust
+            self.adjust = check_adjust(self.adjust)
         if self.layer_weights is not None:
             lw = self.layer_weights
             if not isinstance(lw, dict) or not isinstance(lw.get("values"), dict):
@@ -95,7 +108,7 @@ class Recipe:
     def to_dict(self) -> dict:
         d = {"format": RECIPE_FORMAT, "version": RECIPE_VERSION}
         d.update(asdict(self))
-        for optional in ("base", "mask", "layer_weights"):
+        for optional in ("base", "mask", "layer_weights", "elemental", "adjust"):
             if d[optional] is None:
                 d.pop(optional)
         return d

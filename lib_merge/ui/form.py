@@ -253,6 +253,13 @@ def read_options(host, spec: MethodSpec, v: dict) -> dict[str, Any]:
                              f"clear 'Per-key weights'.")
         ws = WeightSet.load(resolve_aux_file(host, v["weights"], "Weight set"))
         options["layer_weights"] = {"param": spec.blockwise_params[0], "values": dict(ws)}
+    if (v.get("elemental") or "").strip():
+        if not spec.blockwise_params:
+            raise InputError(f"{spec.label} has no per-block parameter that elemental ratios could set: "
+                             f"clear 'Elemental merge'.")
+        options["elemental"] = v["elemental"]
+    if (v.get("adjust") or "").strip():
+        options["adjust"] = v["adjust"]
     return options
 
 
@@ -318,7 +325,8 @@ def form_from_recipe(recipe: Recipe, family: str, weights_file: str = "") -> dic
     v.update(seed=recipe.seed, compute_dtype=recipe.compute_dtype, dtype=recipe.dtype,
              components=[COMPONENT_LABELS[c] for c in recipe.components if c in COMPONENT_LABELS],
              missing_keys=recipe.missing_keys, nonfinite=recipe.nonfinite,
-             mask=(recipe.mask.path or recipe.mask.name) if recipe.mask else "", weights=weights_file)
+             mask=(recipe.mask.path or recipe.mask.name) if recipe.mask else "", weights=weights_file,
+             elemental=recipe.elemental or "", adjust=", ".join(format_blocks([x], "sd1") for x in recipe.adjust or []))
     return v
 
 

@@ -258,6 +258,16 @@ class MergeTab(Section):
                     choices=[""] + weights, value="", allow_custom_value=True, label="Per-key weights",
                     info="a weight set (.json) giving the first per-block parameter per key",
                     elem_id=f"{ELEM}weights"))
+            with gr.Row():
+                self._field("elemental", gr.Textbox(
+                    label="Elemental merge", lines=2, elem_id=f"{ELEM}elemental",
+                    placeholder="OUT04 OUT05:attn2:0.5, NOT OUT04:attn:1, OUT05:NOT attn proj:0.2",
+                    info="SuperMerger's BLOCKS:ELEMENTS:RATIO: the ratio of the keys whose names hold an element "
+                         "(NOT: all others); it overrides the block weights of α (λ, ratio); later entries win"))
+                self._field("adjust", gr.Textbox(
+                    label="Adjust (IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3)", elem_id=f"{ELEM}adjust",
+                    placeholder="0, 0, 0, 0, 0, 0, 0, 0",
+                    info="SuperMerger's final touch on detail, contrast, brightness and colour (about ±5)"))
             with gr.Accordion("Make a mask", open=False):
                 with gr.Row():
                     self._field("mask_mode", gr.Radio(["random", "gaussian", "true", "false"], value="random",
