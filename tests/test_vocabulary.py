@@ -170,3 +170,21 @@ def test_the_console_script_is_declared():
     assert meta["project"]["scripts"]["merge-lab"] == "lib_merge.cli:console"
     from lib_merge.cli import console
     assert callable(console)
+
+
+def test_lora_block_weights_take_the_lbw_extensions_specials():
+    import random
+
+    from lib_merge.lora.lbw import parse_lbw
+    text = "1,R,U,X,X+0.25,X-0.5,0,0,0,0,0,0,0,0,0,0,0"   # 17 values: BASE, IN01, IN02, IN04, IN05, IN07, ...
+    w = parse_lbw(text, "sd1")
+    draw = random.Random(0)
+    r, u = round(draw.random(), 3), round(draw.uniform(-0.5, 1.5), 3)   # the fixed seed: the same text, the same weights
+    assert (w["BASE"], w["IN01"], w["IN02"], w["IN04"], w["IN05"], w["IN07"]) == (1.0, r, u, 1.0, 1.25, 0.5)
+    assert 0 <= r < 1 and -0.5 <= u < 1.5 and parse_lbw(text, "sd1") == w
+    assert parse_lbw(text, "sd1", x=0.6)["IN05"] == pytest.approx(0.85)
+    assert parse_lbw("lbw=" + text, "sd1") == w
+    with pytest.raises(InputError, match=r"per-element LoRA block weights \(the LBW extension's lbwe"):
+        parse_lbw("lbwe=OUT05:attn:0.5", "sd1")
+    with pytest.raises(InputError, match="numbers, or the LBW extension's R, U and X"):
+        parse_lbw("1,Q,1", "sd1")

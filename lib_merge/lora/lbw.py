@@ -15,9 +15,19 @@ Presets (17-value, SD1/SD2, the extension's defaults): NONE, ALL, INS, IND, INAL
 ALL0.5. For SDXL we define ALL, NONE, ALL0.5, INALL (BASE and every IN block) and OUTALL (BASE and every OUT
 block); the other names are SD1/SD2 layouts and are refused for SDXL.
 
+The LBW extension's special values are accepted in a list: `R` (random in [0, 1), 3 decimals), `U` (random in
+[-0.5, 1.5), 3 decimals) and `X`, `X+v`, `X-v` (X is 1, the extension's value when the prompt gives none). Our
+random values are drawn from a fixed seed (0, or `seed=`), so the same text gives the same weights every time
+(the extension draws new ones per image). Its per-element form (`lbwe`, BLOCKS:ELEMENTS:RATIO on LoRA modules) is
+not supported here: it is refused with a sentence (the checkpoint merge's elemental ratios do the same on a
+baked checkpoint).
+
 A module's block: kohya name -> checkpoint key (keys.module_map) -> arch.block_of.
 """
 from __future__ import annotations
+
+import random
+import re
 
 from ..core.arch import block_names, block_of
 from ..core.errors import InputError
@@ -80,8 +90,24 @@ def expand(values: list[float], family: str) -> dict[str, float]:
     return full
 
 
-def parse_lbw(spec, family: str) -> dict[str, float]:
-    """A preset name, "1,0,0.5,..." text, a list of numbers or a {block: weight} dict -> {block: weight}."""
+_X = re.compile(r"^X(?:([+-])(\d+(?:\.\d*)?|\.\d+))?$")
+
+
+def _value(item: str, draw: random.Random, x: float) -> float:
+    """One value of an LBW list: a number, R, U, X, X+v or X-v."""
+    word = item.strip().upper()
+    if word == "R":
+        return round(draw.random(), 3)
+    if word == "U":
+        return round(draw.uniform(-0.5, 1.5), 3)
+    m = _X.match(word)
+    if m:
+        return x + (float(m.group(2)) * (1 if m.group(1) == "+" else -1) if m.group(1) else 0.0)
+    return float(item)
+
+
+def parse_lbw(spec, family: str, seed: int = 0, x: float = 1.0) -> dict[str, float]:
+    """A preset name, "1,0,0.5,R,X-0.2..." text, a list of numbers or a {block: weight} dict -> {block: weight}."""
     if isinstance(spec, dict):
         full = {b: 0.0 for b in block_names(family)}
         bad = [b for b in spec if b not in full]
@@ -95,12 +121,18 @@ def parse_lbw(spec, family: str) -> dict[str, float]:
     preset = PRESETS[family].get(text.upper()) if family in PRESETS else None
     if preset is not None:
         return expand(list(preset), family)
+    if text.lower().startswith("lbwe") or (":" in text and not text.lower().startswith("lbw=")):
+        raise InputError(f"'{text}': per-element LoRA block weights (the LBW extension's lbwe, BLOCKS:ELEMENTS:RATIO) "
+                         f"are not supported; give one value per block, or bake the LoRA and use the checkpoint "
+                         f"merge's elemental ratios.")
+    text = text[4:] if text.lower().startswith("lbw=") else text
+    draw = random.Random(seed)
     try:
-        values = [float(x) for x in text.replace(" ", "").split(",") if x != ""]
+        values = [_value(item, draw, x) for item in text.replace(" ", "").split(",") if item != ""]
     except ValueError:
         raise InputError(f"'{text}' is neither a block-weight preset ({', '.join(PRESETS.get(family, {}))}) "
-                         f"nor a list of numbers like 1,0,0,1,... (R/U/X values of the LBW extension are "
-                         f"not supported).") from None
+                         f"nor a list of values like 1,0,0.5,R,U,X-0.2 (numbers, or the LBW extension's R, U "
+                         f"and X[+-v]).") from None
     return expand(values, family)
 
 
