@@ -1,5 +1,6 @@
-"""XY plot: a grid of preview images over one or two axes (α, β, a block-weight preset, any method
-parameter, the method, the generation seed, or whole recipes).
+"""XY(Z) plot: a grid of preview images over one or two axes (α, β, a block-weight preset, one block swept
+alone, any method parameter, the method, one model slot swapped among checkpoints, the prompt (search and
+replace), the generation seed, or whole recipes), and a Z axis: one grid per Z value.
 
     x = Axis.parse("alpha", "0.2, 0.5, 0.8")      y = Axis.parse("preset", "GRAD_V, GRAD_A")
     result = run_xy(host, base_recipe, x, y, GenerationRequest(prompt="a cat", seed=1))
@@ -30,7 +31,8 @@ from .engine.recipe import Recipe
 from .host import Host
 from .methods import METHODS, get_method
 
-KINDS = ("alpha", "beta", "preset", "method", "seed", "recipe")   # plus "param:<name>"
+KINDS = ("alpha", "beta", "preset", "method", "seed", "prompt", "recipe")   # plus param:<name>, block:<B>, model:<slot>
+SLOT_NAMES = ("A", "B", "C")   # model:A / model:B / model:C (or model:4 ... for many-model methods, 1-based)
 MAX_VALUES = 64                      # values per axis (a range may not expand past it)
 GREEK = {"alpha": "α", "beta": "β", "lambda": "λ"}
 _NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
@@ -129,14 +131,28 @@ class Axis:
 
     def __post_init__(self):
         kind = (self.kind or "").strip()
-        if kind.lower() in KINDS:
-            kind = kind.lower()
-        elif kind.lower().startswith("param:") and kind[6:].strip():
+        low = kind.lower()
+        if low in KINDS:
+            kind = low
+        elif low.startswith("param:") and kind[6:].strip():
             name = kind[6:].strip()
             kind = name if name in ("alpha", "beta") else f"param:{name}"
+        elif low.startswith("block:") and kind[6:].strip():
+            from .core.arch import block_names
+            name = kind[6:].strip().upper()
+            if name not in block_names("sd1"):
+                raise InputError(f"XY plot: '{kind[6:].strip()}' is not a block (BASE, IN00..IN11, M00, OUT00..OUT11).")
+            kind = f"block:{name}"
+        elif low.startswith("model:") and kind[6:].strip():
+            slot = kind[6:].strip().upper()
+            if slot not in SLOT_NAMES and not (slot.isdigit() and int(slot) >= 1):
+                raise InputError(f"XY plot: model axis '{kind}': use model:A, model:B, model:C or model:N (1-based).")
+            kind = f"model:{slot}"
         else:
             raise InputError(f"XY plot: unknown axis kind '{self.kind}'. Use one of alpha, beta, preset, "
-                             f"param:<name> (any method parameter, e.g. param:density), method, seed, recipe.")
+                             f"block:<name> (one block alone, e.g. block:IN04), param:<name> (any method parameter, "
+                             f"e.g. param:density), method, model:<A|B|C> (swap that model), prompt (search and "
+                             f"replace: the first value is the text searched), seed, recipe.")
         self.kind = kind
         values = self.values
         if kind == "recipe":
@@ -146,7 +162,8 @@ class Axis:
                 sep = r"[|\n]" if self._list_valued() else r"[,;\n]"
                 values = _split(values, sep)
             out: list = []
-            numeric = kind not in ("method", "preset") and not self._list_valued()
+            numeric = kind not in ("method", "preset", "prompt") and not kind.startswith("model:") \
+                and not self._list_valued()
             for v in values or []:
                 out.extend(_expand(v) if isinstance(v, str) and numeric else [v])
             values = [_number(v) if numeric else v for v in out]
@@ -188,17 +205,25 @@ class Axis:
 
     @property
     def changes_recipe(self) -> bool:
-        return self.kind != "seed"
+        return self.kind not in ("seed", "prompt")
 
     @property
     def title(self) -> str:
         name = self.param_name
-        return GREEK.get(name, name) if name else self.kind
+        if name:
+            return GREEK.get(name, name)
+        if self.kind.startswith(("block:", "model:")):
+            return self.kind[6:]
+        return self.kind
 
     def label(self, i: int) -> str:
         v = self.values[i]
         if self.kind in ("preset",):
             return v
+        if self.kind == "prompt":
+            return str(v)
+        if self.kind.startswith("model:"):
+            return f"{self.title} = {Path(str(v)).stem}"
         if self.kind == "method":
             return METHODS[v].label
         if self.kind == "seed":
@@ -235,7 +260,8 @@ def _recipe_summary(r: Recipe) -> str:
 
 
 # -------------------------------------------------------------------------------------- applying values
-_ORDER = {"recipe": 0, "method": 1, "preset": 3, "seed": 4}   # whole recipes, the method, parameters, presets
+_ORDER = {"recipe": 0, "method": 1, "model": 1, "preset": 3, "block": 3.5, "seed": 4, "prompt": 4}
+# whole recipes, the method and models, parameters, presets, then one block over them
 
 
 def apply_value(recipe: Recipe, axis: Axis, i: int, family: str, strength: bool = False) -> Recipe:
@@ -245,7 +271,7 @@ def apply_value(recipe: Recipe, axis: Axis, i: int, family: str, strength: bool 
     blocks are the preset times that scalar (GRAD_V at α = 0.5 is GRAD_V halved), else the preset would
     hide the scalar axis altogether."""
     v = axis.values[i]
-    if axis.kind == "seed":
+    if axis.kind in ("seed", "prompt"):   # the request's, not the recipe's (plan_cells)
         return recipe
     if axis.kind == "recipe":
         return copy.deepcopy(v)
@@ -271,6 +297,28 @@ def apply_value(recipe: Recipe, axis: Axis, i: int, family: str, strength: bool 
             scale = float(r.params.get(p.name, p.default))
             values = [round(x * scale, 10) for x in values]
         r.blocks[p.name] = [p.coerce(x, spec.name) for x in values]
+        return r
+    if axis.kind.startswith("model:"):
+        from .engine.recipe import ModelRef
+        slot = axis.kind[6:]
+        index = SLOT_NAMES.index(slot) if slot in SLOT_NAMES else int(slot) - 1
+        if index >= len(r.models):
+            raise InputError(f"XY plot: the recipe has {len(r.models)} models, so there is no model {slot} to swap.")
+        r.models[index] = ModelRef(name=str(v))   # the host resolves the name (resolve_recipe)
+        return r
+    if axis.kind.startswith("block:"):
+        from .core.arch import block_names
+        if not spec.blockwise_params:
+            raise InputError(f"XY plot: {spec.label} has no per-block parameter for a block axis.")
+        p = spec.param(spec.blockwise_params[0])
+        _check_not_per_key(r, p.name)
+        names = block_names(family)
+        block = axis.kind[6:]
+        if block not in names:
+            raise InputError(f"XY plot: {block} is not a block of this {family} model.")
+        values = list(r.blocks.get(p.name) or [r.params.get(p.name, p.default)] * len(names))
+        values[names.index(block)] = p.coerce(v, spec.name)
+        r.blocks[p.name] = values
         return r
     name = axis.param_name
     p = spec.param(name)   # a method without it: "Method 'x' has no parameter 'y'. Its parameters: ..."
@@ -315,6 +363,7 @@ class XYResult:
     cell_size: tuple[int, int] = (0, 0)
     seconds: float = 0.0
     message: str = ""
+    grids: list = field(default_factory=list)              # (grid image, Z label) per Z value; one without Z
 
 
 def plan_cells(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None,
@@ -322,7 +371,7 @@ def plan_cells(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None,
     """Every cell's recipe and request, row by row, all checked before any work."""
     if y is not None and _same_target(x, y):
         raise InputError(f"XY plot: the X and Y axes both set {x.title}: choose another kind for one of them.")
-    needs_family = any(a is not None and a.kind == "preset" for a in (x, y))
+    needs_family = any(a is not None and (a.kind == "preset" or a.kind.startswith("block:")) for a in (x, y))
     family = (base_recipe.arch or session.header_of(host, base_recipe)[0]) if needs_family else "sd1"
     base_seed = int(request.seed)
     if base_seed < 0:   # one random seed for the whole grid, so the cells compare like with like
@@ -330,17 +379,24 @@ def plan_cells(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None,
     for axis in (x, y):   # a seed of -1 on the seed axis: a random seed, fixed now so the label says it
         if axis is not None and axis.kind == "seed":
             axis.values = [v if v >= 0 else random.randrange(4294967294) for v in axis.values]
-    axes = sorted([(x, "x")] + ([(y, "y")] if y is not None else []), key=lambda a: _ORDER.get(a[0].kind, 2))
+    axes = sorted([(x, "x")] + ([(y, "y")] if y is not None else []),
+                  key=lambda a: _ORDER.get(a[0].kind.split(":")[0], 2))
+    for axis in (x, y):
+        if axis is not None and axis.kind == "prompt" and str(axis.values[0]) not in request.prompt:
+            raise InputError(f"XY plot: the prompt does not contain '{axis.values[0]}' (the first value of a prompt "
+                             f"axis is the text it searches; each value replaces it).")
     cells = []
     for row in range(len(y.values) if y is not None else 1):
         for col in range(len(x.values)):
             recipe = copy.deepcopy(base_recipe)
-            seed = base_seed
+            seed, prompt = base_seed, request.prompt
             try:
                 for axis, which in axes:
                     i = col if which == "x" else row
                     if axis.kind == "seed":
                         seed = axis.values[i]
+                    if axis.kind == "prompt":
+                        prompt = prompt.replace(str(axis.values[0]), str(axis.values[i]))
                     strength = axis.kind == "preset" and any(
                         a.param_name is not None and a.param_name == _first_blockwise(recipe) for a, _ in axes)
                     recipe = apply_value(recipe, axis, i, family, strength)
@@ -349,7 +405,7 @@ def plan_cells(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None,
                 msg = str(e).removeprefix("XY plot: ")
                 raise InputError(f"XY plot, cell {_cell_label(x, y, row, col)}: {msg}") from None
             cells.append(Cell(row, col, _cell_label(x, y, row, col), recipe,
-                              replace(request, seed=seed, batch_size=1)))
+                              replace(request, seed=seed, prompt=prompt, batch_size=1)))
     return cells
 
 
@@ -367,9 +423,12 @@ def _cell_label(x: Axis, y: Axis | None, row: int, col: int) -> str:
 
 
 def run_xy(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None, request: GenerationRequest, *,
-           save_models: bool = False, progress: Callable[[float, str], None] | None = None,
+           z: Axis | None = None, save_models: bool = False, progress: Callable[[float, str], None] | None = None,
            cancel: Callable[[], bool] | None = None, device: str | None = None) -> XYResult:
-    """Merge each distinct recipe once, generate its cells, compose and save the labelled grid."""
+    """Merge each distinct recipe once, generate its cells, compose and save the labelled grid (one per Z value)."""
+    if z is not None:
+        return _run_xyz(host, base_recipe, x, y, z, request, save_models=save_models, progress=progress,
+                        cancel=cancel, device=device)
     started = time.monotonic()
     check_can_plot(host, x, y)
     cells = plan_cells(host, base_recipe, x, y, request)
@@ -390,10 +449,58 @@ def run_xy(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None, request: Ge
 
     result = run_grid(host, cells, x, y, key=lambda r: r.public_json(), load=load, progress=progress,
                       cancel=cancel, started=started)
+    result.grids = [(result.grid_image, "")]
     result.saved_models = saved
     if saved:
         result.message = result.message.removesuffix(".") + f"; {len(saved)} model(s) saved."
     return result
+
+
+def _run_xyz(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None, z: Axis, request: GenerationRequest,
+             **kw) -> XYResult:
+    """One XY grid per Z value (the Z value applied to the recipe or the request first), all planned and checked
+    before any work; the result holds every grid and every cell, Z after Z."""
+    started = time.monotonic()
+    check_can_plot(host, x, y)
+    if any(a is not None and a.kind == z.kind for a in (x, y)):
+        raise InputError(f"XY plot: the Z axis sets {z.title}, as another axis does: choose another kind for one.")
+    family = (base_recipe.arch or session.header_of(host, base_recipe)[0]) \
+        if z.kind == "preset" or z.kind.startswith("block:") else "sd1"
+    if z.kind == "prompt" and str(z.values[0]) not in request.prompt:
+        raise InputError(f"XY plot: the prompt does not contain '{z.values[0]}' (the first value of a prompt axis is "
+                         f"the text it searches; each value replaces it).")
+    planes = []
+    for i in range(len(z.values)):
+        try:
+            recipe = apply_value(base_recipe, z, i, family)
+        except MergeError as e:
+            raise InputError(f"XY plot, {z.label(i)}: {str(e).removeprefix('XY plot: ')}") from None
+        req = request
+        if z.kind == "seed":
+            req = replace(request, seed=z.values[i])
+        elif z.kind == "prompt":
+            req = replace(request, prompt=request.prompt.replace(str(z.values[0]), str(z.values[i])))
+        plan_cells(host, recipe, x, y, req)   # every Z value's cells checked before the first merge
+        planes.append((recipe, req))
+    progress = kw.pop("progress", None)
+    results = []
+    for i, (recipe, req) in enumerate(planes):
+        def part(fraction: float, text: str, i=i) -> None:
+            if progress is not None:
+                progress((i + fraction) / len(planes), f"{z.label(i)}: {text}")
+        results.append(run_xy(host, recipe, x, y, req, progress=part, **kw))
+    first = results[0]
+    merged = replace(first, images=[im for r in results for im in r.images],
+                     labels=[f"{lab} | {z.label(i)}" for i, r in enumerate(results) for lab in r.labels],
+                     recipes=[rc for r in results for rc in r.recipes], merges_done=sum(r.merges_done for r in results),
+                     infotexts=[t for r in results for t in r.infotexts], paths=[p for r in results for p in r.paths],
+                     saved_models=[p for r in results for p in r.saved_models],
+                     grids=[(r.grid_image, z.label(i)) for i, r in enumerate(results)],
+                     seconds=time.monotonic() - started)
+    merged.message = (f"XY plot: {len(results)} grids ({z.title}), {len(merged.images)} image(s) from "
+                      f"{merged.merges_done} merge(s) in {merged.seconds:.1f} s, saved in "
+                      f"{', '.join(str(r.folder) for r in results)}.")
+    return merged
 
 
 def check_can_plot(host: Host, x, y) -> None:
@@ -613,12 +720,17 @@ def compose_grid(images: list, x_labels: list[str], y_labels: list[str], font_fi
 
 def kind_choices(spec=None) -> list[str]:
     """The axis kinds a UI offers for method `spec` (None: any method): alpha and beta where it has them, preset
-    where it has per-block parameters, method, seed and recipe, then param:<name> for its other parameters."""
+    and block:<name> where it has per-block parameters, the method, its model slots, prompt, seed and recipe, then
+    param:<name> for its other parameters."""
+    from .core.arch import block_names
     specs = [spec] if spec is not None else list(METHODS.values())
     names = {p.name for s in specs for p in s.params}
     blockwise = any(s.blockwise_params for s in specs)
     fixed = [k for k in ("alpha", "beta") if k in names] + (["preset"] if blockwise else [])
-    return fixed + ["method", "seed", "recipe"] + [f"param:{n}" for n in sorted(names - {"alpha", "beta"})]
+    slots = SLOT_NAMES if spec is None or spec.many else SLOT_NAMES[:len(spec.inputs)]
+    blocks = [f"block:{b}" for b in block_names("sd1")] if blockwise else []
+    return (fixed + ["method"] + [f"model:{s}" for s in slots] + ["prompt", "seed", "recipe"]
+            + [f"param:{n}" for n in sorted(names - {"alpha", "beta"})] + blocks)
 
 
 __all__ = ["Axis", "XYResult", "Cell", "run_xy", "run_grid", "check_can_plot", "plan_cells", "apply_value", "compose_grid", "save_png",

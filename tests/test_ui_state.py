@@ -163,11 +163,14 @@ def test_the_xy_plot_offers_only_the_chosen_methods_parameters(tmp_path):
     v = form(tab)
     u = tab.on_method({**v, "method": "ties", "xy_x_kind": "alpha", "xy_y_kind": "param:density"})
     x, y = u["xy_x_kind"], u["xy_y_kind"]
-    assert choice_values(x) == ["preset", "method", "seed", "recipe", "param:density", "param:election",
-                                "param:lambda"]
+    blocks = [f"block:{b}" for b in ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"]
+              + [f"OUT{i:02d}" for i in range(12)]]
+    assert choice_values(x) == ["preset", "method", "model:A", "model:B", "model:C", "prompt", "seed", "recipe",
+                                "param:density", "param:election", "param:lambda"] + blocks
     assert x["value"] == "preset" and y["value"] == "param:density"   # alpha is not TIES's: it falls back
     u = tab.on_method({**v, "method": "weighted_sum"})
-    assert choice_values(u["xy_x_kind"]) == ["alpha", "preset", "method", "seed", "recipe"]
+    assert choice_values(u["xy_x_kind"]) == ["alpha", "preset", "method", "model:A", "model:B", "prompt", "seed",
+                                             "recipe"] + blocks
 
 
 def test_small_things_said_right(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from lib_merge import session, xy
-from lib_merge.core.errors import MergeError
+from lib_merge.core.errors import InputError, MergeError
 from lib_merge.core.generation import GenerationRequest
 from lib_merge.core.weights import preset
 from lib_merge.host.standalone import StandaloneHost
@@ -189,3 +189,32 @@ def test_tab_without_previews_hides_the_run_button(runnable_models, tmp_path):
     assert tab.c["xy_run"].visible is False
     u = list(tab.on_xy(_tab_values(tab)))
     assert "cannot generate" in u[-1]["xy_status"]
+
+
+def test_model_swap_prompt_replace_one_block_and_a_z_axis(previewing_host, tmp_path):
+    """model:B swaps B among checkpoints, block:IN04 changes only that block, prompt replaces text without
+    re-merging, and a Z axis makes one grid per value; every cell's recipe and request as asked."""
+    from lib_merge import xy
+    from lib_merge.core.generation import GenerationRequest
+    from lib_merge.session import recipe_from_names
+    host = previewing_host
+    base = recipe_from_names(host, "weighted_sum", ["r1.safetensors", "r2.safetensors"], params={"alpha": 0.5})
+    request = GenerationRequest(prompt="a cat on a mat", steps=1, width=64, height=64, seed=3)
+    x = xy.Axis("block:IN04", "0, 1")
+    y = xy.Axis("prompt", "cat, dog")
+    z = xy.Axis("model:B", "r2.safetensors, r1.safetensors")
+    cells = xy.plan_cells(host, base, x, y, request)
+    assert [c.request.prompt for c in cells] == ["a cat on a mat"] * 2 + ["a dog on a mat"] * 2
+    blocks = [c.recipe.blocks["alpha"] for c in cells[:2]]
+    assert blocks[0][5] == 0 and blocks[1][5] == 1 and blocks[0][:5] == [0.5] * 5 and blocks[1][6:] == [0.5] * 20
+    result = xy.run_xy(host, base, x, y, request, z=z)
+    assert len(result.grids) == 2 and [label for _, label in result.grids] == ["B = r2", "B = r1"]
+    assert len(result.images) == 8 and result.merges_done == 4     # the prompt axis shares each merge
+    assert [m.name for m in result.recipes[-1].models] == ["r1.safetensors", "r1.safetensors"]
+    assert result.labels[0] == "IN04 = 0 | cat | B = r2"
+    with pytest.raises(InputError, match="the prompt does not contain 'horse'"):
+        xy.plan_cells(host, base, x, xy.Axis("prompt", "horse, dog"), request)
+    with pytest.raises(InputError, match="the Z axis sets IN04, as another axis does"):
+        xy.run_xy(host, base, x, y, request, z=xy.Axis("block:IN04", "0.3"))
+    with pytest.raises(InputError, match="'IN99' is not a block"):
+        xy.Axis("block:IN99", "1")

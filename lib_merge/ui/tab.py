@@ -343,8 +343,10 @@ class MergeTab(Section):
             self._show("xy_help", gr.Markdown(
                 "A grid of previews with the settings above (models, method, block weights, prompt, seed...). "
                 "Values: `0.2, 0.5, 0.8`, ranges `0-1 (5)` or `1-4`, presets `GRAD_V, GRAD_A`, methods by "
-                "name, a JSON list of recipes. A *seed* axis varies the preview seed without re-merging; "
-                "each distinct merge is done once. The grid and the images go to the output folder's `xy/`."
+                "name, checkpoint names for `model:B` (model B swapped), a JSON list of recipes; `block:IN04` "
+                "sweeps one block alone; `prompt` is search and replace (the first value is the text searched). "
+                "*seed* and *prompt* axes do not re-merge; each distinct merge is done once. A Z axis makes one "
+                "grid per value. The grids and the images go to the output folder's `xy/`."
                 if can else "The XY plot needs previews, and this host cannot generate them."))
             with gr.Row():
                 self._field("xy_x_kind", gr.Dropdown(kinds, value="alpha", label="X axis", allow_custom_value=True,
@@ -357,6 +359,12 @@ class MergeTab(Section):
                 self._field("xy_y_values", gr.Textbox(value="", label="Y values", lines=1,
                                                       placeholder="e.g. GRAD_V, GRAD_A (with Y axis: preset)",
                                                       elem_id=f"{ELEM}xy_y_values", scale=3))
+            with gr.Row():
+                self._field("xy_z_kind", gr.Dropdown([F.NONE] + kinds, value=F.NONE, label="Z axis (one grid per value)",
+                                                     allow_custom_value=True, elem_id=f"{ELEM}xy_z_kind", scale=1))
+                self._field("xy_z_values", gr.Textbox(value="", label="Z values", lines=1,
+                                                      placeholder="e.g. model:B over other.safetensors, third.safetensors",
+                                                      elem_id=f"{ELEM}xy_z_values", scale=3))
             with gr.Row():
                 self._field("xy_save_models", gr.Checkbox(
                     value=False, label="Save each cell's model", elem_id=f"{ELEM}xy_save_models",
@@ -383,7 +391,7 @@ class MergeTab(Section):
         sliders = [F.block_field(bank, b) for bank in range(F.BANKS) for b in F.ALL_BLOCKS]
         banks = [n for bank in range(F.BANKS) for n in (F.bank_text_field(bank), f"bw_msg:{bank}", f"bw_preset:{bank}")]
         layout = (["method_help", "models_info", "mbw_note", "plot", "family", "model_c", "models_more", "base",
-                   "xy_x_kind", "xy_y_kind"]
+                   "xy_x_kind", "xy_y_kind", "xy_z_kind"]
                   + [f"group:{m}" for m in METHODS] + [f"bw_bank:{b}" for b in range(F.BANKS)]
                   + [f"bw_head:{b}" for b in range(F.BANKS)] + sliders + banks)
         everything = list(self.c)
@@ -516,9 +524,10 @@ class MergeTab(Section):
         """The XY axes offer only this method's parameters; an axis on a parameter it lacks falls back."""
         from .. import xy
         kinds = xy.kind_choices(spec)
-        x, y = v.get("xy_x_kind"), v.get("xy_y_kind")
+        x, y, z = v.get("xy_x_kind"), v.get("xy_y_kind"), v.get("xy_z_kind")
         return {"xy_x_kind": gr.update(choices=kinds, value=x if x in kinds else kinds[0]),
-                "xy_y_kind": gr.update(choices=[F.NONE] + kinds, value=y if y in kinds else F.NONE)}
+                "xy_y_kind": gr.update(choices=[F.NONE] + kinds, value=y if y in kinds else F.NONE),
+                "xy_z_kind": gr.update(choices=[F.NONE] + kinds, value=z if z in kinds else F.NONE)}
 
     def on_models(self, v: dict) -> dict:
         """Each chosen model's architecture (headers only), a mismatch warning, and A's block layout."""
@@ -735,6 +744,10 @@ class MergeTab(Section):
             x = xy.Axis(v.get("xy_x_kind") or "", v.get("xy_x_values") or "")
             y_kind = F.slot_value(v.get("xy_y_kind"))
             y = xy.Axis(y_kind, v.get("xy_y_values") or "") if y_kind else None
+            z_kind = F.slot_value(v.get("xy_z_kind"))
+            z = xy.Axis(z_kind, v.get("xy_z_values") or "") if z_kind else None
+            if z is not None and y is None:
+                raise InputError("XY plot: a Z axis needs a Y axis (or use the Y axis instead).")
             request = F.preview_request(v)
         except Exception as e:  # noqa: BLE001 - failure_html tells a user's error from a bug
             yield {"xy_status": failure_html(e)}
@@ -748,7 +761,7 @@ class MergeTab(Section):
             step[0], step[1] = fraction, text
 
         def work():
-            return xy.run_xy(self.host, recipe, x, y, request, save_models=save_models, progress=progress,
+            return xy.run_xy(self.host, recipe, x, y, request, z=z, save_models=save_models, progress=progress,
                              cancel=self._xy_stop.is_set, device=device)
         started = time.monotonic()
         self._running = "xy"
@@ -762,7 +775,8 @@ class MergeTab(Section):
             if isinstance(result, BaseException):
                 yield {"xy_status": failure_html(result), **self.page_updates()}
             else:
-                gallery = [(result.grid_image, "grid")] + list(zip(result.images, result.labels))
+                grids = [(g, f"grid {label}".strip()) for g, label in result.grids]
+                gallery = grids + list(zip(result.images, result.labels))
                 yield {"xy_gallery": gr.update(value=gallery), **self.page_updates(),
                        "xy_status": status_html("ok", result.message,
                                                 [f"Saved {p.name}" for p in result.saved_models])}
