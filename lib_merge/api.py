@@ -132,6 +132,15 @@ def register_routes(app, host: Host, dependencies: list | None = None) -> None:
     def status():
         return session.status(host)
 
+    def xyz_axes():
+        def run():
+            from .webui_xyz import txt2img_indices
+            xyz = host.xyz_module()
+            if xyz is None:
+                raise MergeError("There is no X/Y/Z plot here: its Merge Lab axes are the WebUI's.")
+            return {"axes": txt2img_indices(xyz)}
+        return guarded(run)
+
     def merge(body: dict = Body(...)):
         return guarded(lambda: answer(session.merge_to_memory(host, recipe_from_body(host, body))))
 
@@ -160,7 +169,7 @@ def register_routes(app, host: Host, dependencies: list | None = None) -> None:
         return {"ok": True, "message": "Interrupt requested."}
 
     routes = [("/methods", methods, "GET"), ("/models", models, "GET"), ("/status", status, "GET"),
-              ("/merge", merge, "POST"), ("/save", save, "POST"), ("/restore", restore, "POST"),
+              ("/xyz-axes", xyz_axes, "GET"), ("/merge", merge, "POST"), ("/save", save, "POST"), ("/restore", restore, "POST"),
               ("/generate", generate, "POST"), ("/interrupt", interrupt, "POST")] + _lora_routes(host, guarded) \
         + _optimize_routes(host, guarded)
     for path, fn, method in routes:

@@ -42,6 +42,14 @@ def on_app_started(demo, app):
     register_routes(app, host(), api_dependencies())
 
 
+def add_xyz_axes():
+    """Merge Lab's axes in the WebUI's X/Y/Z plot script (lib_merge/webui_xyz.py), before its UI is built."""
+    from lib_merge.webui_xyz import AXES, axis_options
+    xyz = host().xyz_module()
+    if xyz is not None and not any(o.label in AXES for o in xyz.axis_options):   # once, also after a UI reload
+        xyz.axis_options.extend(axis_options(xyz, host()))
+
+
 class MergeLabInfotext(scripts.Script):
     """Adds the loaded merge's recipe to the infotext of every txt2img/img2img generation."""
 
@@ -57,6 +65,7 @@ class MergeLabInfotext(scripts.Script):
             add_recipe_to_infotext(p, _host.loaded)
 
 
+script_callbacks.on_before_ui(add_xyz_axes)
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_app_started(on_app_started)

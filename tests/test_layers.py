@@ -8,7 +8,7 @@ PKG = Path(__file__).resolve().parents[1] / "lib_merge"
 
 # lowest first; a module may import from its own layer and the layers below it
 LAYERS = {"core": 0, "methods": 1, "engine": 2, "tools": 3, "preview": 3, "host": 4, "session": 5, "xy": 6,
-          "lora": 7, "optimize": 8, "api": 9, "ui": 9, "cli": 10, "__main__": 11, "__init__": 11}
+          "lora": 7, "optimize": 8, "api": 9, "ui": 9, "webui_xyz": 9, "cli": 10, "__main__": 11, "__init__": 11}
 
 
 def _modules() -> dict[str, Path]:

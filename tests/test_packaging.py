@@ -15,7 +15,7 @@ import sys, types
 modules = types.ModuleType("modules")
 cb = types.ModuleType("modules.script_callbacks")
 cb.registered = []
-for name in ("on_ui_tabs", "on_ui_settings", "on_app_started"):
+for name in ("on_ui_tabs", "on_ui_settings", "on_app_started", "on_before_ui"):
     setattr(cb, name, lambda fn, name=name: cb.registered.append(name))
 scripts = types.ModuleType("modules.scripts")
 scripts.Script = object
@@ -35,7 +35,7 @@ def test_extension_import_is_cheap_and_registers_its_callbacks():
     )
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "[] ['on_app_started', 'on_ui_settings', 'on_ui_tabs']"
+    assert p.stdout.strip() == "[] ['on_app_started', 'on_before_ui', 'on_ui_settings', 'on_ui_tabs']"
 
 
 WEBUI_FREEZE = ["torch==2.14.1", "numpy==1.26.2", "timm==1.0.9", "transformers==4.30.2", "pip==24.0",

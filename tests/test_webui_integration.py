@@ -330,3 +330,31 @@ def test_autombw_run_through_the_api_in_the_webui(webui, imagereward_folder):  #
         assert "Traceback" not in webui.log_path.read_text(errors="replace")[log_from:]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_merge_lab_axes_in_the_webuis_xyz_plot(webui):
+    """The WebUI's own X/Y/Z plot with the "Merge Lab: α" axis: each cell re-merges the loaded merge inside the
+    plot's job (no deadlock on the queue lock), the images differ and their infotexts carry each cell's recipe."""
+    http = webui.http
+    listed = http.get("/merge-lab/v1/models").json()["models"]
+    wanted = os.environ.get("WEBUI_MODELS")
+    a, b = [next(t for t in listed if t.startswith(n)) for n in (wanted.split(",") if wanted else listed[:2])]
+    assert http.post("/merge-lab/v1/merge", json={"method": "weighted_sum", "models": [a, b],
+                                                  "params": {"alpha": 0.5}}).json()["ok"]
+    axes = http.get("/merge-lab/v1/xyz-axes").json()["axes"]
+    assert set(axes) == {"Merge Lab: α", "Merge Lab: block weights preset", "Merge Lab: model B"}
+    script_args = [axes["Merge Lab: α"], "0.2, 0.8", [], 0, "", [], 0, "", [],
+                   True, True, False, False, False, False, False, 0, False]
+    r = http.post("/sdapi/v1/txt2img", json={**GENERATION, "script_name": "x/y/z plot", "script_args": script_args})
+    assert r.status_code == 200, r.text[-2000:]
+    body = r.json()
+    info = json.loads(body["info"])
+    cells = [t for t in info["infotexts"] if "Merge Lab recipe:" in t]
+    from lib_merge.engine.recipe import recipe_from_text
+    alphas = [recipe_from_text(text).params["alpha"] for text in cells]
+    assert 0.2 in alphas and 0.8 in alphas, info["infotexts"]
+    images = [pixels(im) for im in body["images"]]
+    assert len(set(images)) >= 2, "the cells differ"
+    loaded = http.get("/merge-lab/v1/status").json()["loaded"]
+    assert json.loads(loaded["recipe"])["params"]["alpha"] == 0.8     # the last cell's merge stays loaded
+    assert http.post("/merge-lab/v1/restore").json()["ok"]

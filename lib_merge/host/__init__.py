@@ -128,6 +128,15 @@ class Host:
         """A context manager held around merges and generations so they never overlap (WebUI: queue_lock)."""
         return contextlib.nullcontext()
 
+    def xyz_module(self):
+        """The host's X/Y/Z plot script module (the WebUI's xyz_grid), None where there is none."""
+        return None
+
+    def inside_generation(self):
+        """Around work done from inside the host's own running generation (the WebUI's X/Y/Z plot): the lock is
+        held already and the job is the host's, so exclusive() and the job's begin/end must not be taken again."""
+        return contextlib.nullcontext()
+
     def setting(self, name: str, default: Any = None) -> Any:
         """A user setting (WebUI: its Settings page; standalone: built-in defaults)."""
         return default

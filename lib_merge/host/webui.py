@@ -15,6 +15,7 @@ Facts of A1111 1.10.x it relies on:
 from __future__ import annotations
 
 import contextlib
+import threading
 import copy
 import os
 from pathlib import Path
@@ -57,6 +58,7 @@ class WebUIHost(Host):
         self._original: tuple | None = None   # (sd_checkpoint_info, sd_model_hash) before our first merge
         self._vae_written = False
         self._label = None                    # the CheckpointInfo copy that names the loaded merge
+        self._inside = threading.local()      # .on while merging from inside the WebUI's own job (X/Y/Z plot)
         self.live_cache = LiveCache(budget_bytes=int(self.setting("merge_lab_cache_mb", 4096)) << 20)
 
     # ---------------------------------------------------------------------------------- models, folders
@@ -233,9 +235,29 @@ class WebUIHost(Host):
         return GenerationResult(list(processed.images), list(processed.infotexts))
 
     # ------------------------------------------------------------------------- progress and exclusivity
+    def xyz_module(self):
+        from modules import scripts
+        for data in scripts.scripts_data:
+            if data.script_class.__module__ == "xyz_grid.py":
+                return getattr(data, "module", None)
+        return None
+
+    @contextlib.contextmanager
+    def inside_generation(self):
+        self._inside.on = True
+        try:
+            yield
+        finally:
+            self._inside.on = False
+
+    def _in_generation(self) -> bool:
+        return getattr(self._inside, "on", False)
+
     def begin_job(self, title: str) -> None:
         from modules import shared
         super().begin_job(title)
+        if self._in_generation():   # the X/Y/Z plot's job: leave its progress and state alone
+            return
         shared.state.begin(job="merge_lab")
         shared.state.job_count = 1
         shared.state.sampling_steps = 1000
@@ -244,13 +266,16 @@ class WebUIHost(Host):
     def progress(self, fraction: float, text: str = "") -> None:
         from modules import shared
         super().progress(fraction, text)
+        if self._in_generation():
+            return
         shared.state.sampling_step = int(fraction * 1000)
         if text:
             shared.state.textinfo = text
 
     def end_job(self) -> None:
         from modules import shared
-        shared.state.end()
+        if not self._in_generation():
+            shared.state.end()
 
     def job_progress(self) -> tuple[float, str]:
         from modules import shared
@@ -271,7 +296,7 @@ class WebUIHost(Host):
 
     def exclusive(self):
         from modules import call_queue
-        return call_queue.queue_lock
+        return contextlib.nullcontext() if self._in_generation() else call_queue.queue_lock
 
 
 def add_recipe_to_infotext(p, loaded: LoadedMerge | None) -> None:
