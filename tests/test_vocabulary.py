@@ -188,3 +188,14 @@ def test_lora_block_weights_take_the_lbw_extensions_specials():
         parse_lbw("lbwe=OUT05:attn:0.5", "sd1")
     with pytest.raises(InputError, match="numbers, or the LBW extension's R, U and X"):
         parse_lbw("1,Q,1", "sd1")
+
+
+def test_weight_groups_take_the_clis_and_the_keys_spellings(tiny):
+    from lib_merge.core.files import open_model
+    from lib_merge.core.weights import from_groups
+    with open_model(tiny.path["sd1_a"]) as m:
+        plain = from_groups(m, "sd1", {"input": 0.3, "middle": 1.0, "out": 0.2})
+        spelled = from_groups(m, "sd1", {"input_blocks": 0.3, "middle-block": 1.0, "out_block": 0.2})
+        assert plain == spelled and len(plain) > 0
+        with pytest.raises(InputError, match="Unknown group part 'inputs'"):
+            from_groups(m, "sd1", {"inputs": 0.3})

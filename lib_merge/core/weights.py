@@ -240,6 +240,11 @@ def mergeable_shapes(source) -> dict[str, tuple[int, ...]]:
 
 WEIGHTS_FORMAT = "merge-lab-weights"
 GROUPS = ("time", "label", "input", "middle", "output", "out")
+# the same groups as the CLI's flags and the key prefixes spell them (--input-blocks, middle_block...): one group,
+# whichever spelling a user brings
+GROUP_ALIASES = {f"{prefix}{sep}{suffix}": group for group, prefix, suffix in (
+    ("time", "time", "embed"), ("label", "label", "emb"), ("input", "input", "blocks"), ("middle", "middle", "block"),
+    ("output", "output", "blocks"), ("out", "out", "block")) for sep in ("_", "-")}
 ATTENTION_PARTS = ("norm", "attn", "ff")
 SHELL_PARTS = ("exterior", "interior", "core")
 WEIGHT_EDIT_OPS = ("set", "add", "subtract", "multiply", "divide")
@@ -351,6 +356,7 @@ def from_groups(shapes, family: str, values: Mapping[str, float | None], base: f
     """One value per UNet group: time (time_embed.), label (label_emb., SDXL), input (input_blocks.),
     middle (middle_block.), output (output_blocks.), out (out.). A group not given (or None) is left out;
     text-encoder keys get `base` when it is given, else are left out."""
+    values = {GROUP_ALIASES.get(str(k).lower(), str(k).lower()): v for k, v in values.items()}
     _check_parts(values, GROUPS, "group")
     return _build(shapes, family, base, _group_of, values)
 

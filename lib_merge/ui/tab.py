@@ -284,7 +284,8 @@ class MergeTab(Section):
                                                            label="From"))
                     self._field("weights_groups", gr.Textbox(
                         label="Groups", placeholder="input=0.3, middle=1, output=0.7, te=0",
-                        info="time, label, input, middle, output, out; te = text encoder"))
+                        info="time, label, input, middle, output, out (or the CLI's input_blocks, middle_block, "
+                             "output_blocks, out_block); te = text encoder"))
                 with gr.Row():
                     self._field("weights_name", gr.Textbox(label="Weight set file name", placeholder="my_weights"))
                     self._show("weights_make", gr.Button("Make the weight set"))
@@ -320,8 +321,8 @@ class MergeTab(Section):
         self._show("gen_group", gen)
         self._build_xy()
         self._show("gen_note", gr.Markdown(
-            "Previews need the WebUI: in the standalone app, Merge keeps the result in memory and Save "
-            "writes it to a file you can load anywhere.", visible=not can_generate))
+            "This app cannot make previews here (they need diffusers): Merge keeps the result in memory and "
+            "Save writes it to a file you can load anywhere.", visible=not can_generate))
         with gr.Group():
             with gr.Row():
                 self._field("save_name", gr.Textbox(label="File name", placeholder="(from the models and method)",
