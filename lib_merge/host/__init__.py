@@ -101,7 +101,7 @@ class Host:
 
     def generate(self, request: GenerationRequest) -> GenerationResult:
         from ..core.errors import MergeError
-        raise MergeError("Previews need the WebUI (or the standalone image generator, coming in a later version).")
+        raise MergeError(f"This host ({self.name}) cannot generate previews.")
 
     # ---- progress, interrupt, exclusivity
     def begin_job(self, title: str) -> None:
