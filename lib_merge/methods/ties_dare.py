@@ -28,6 +28,8 @@ def _ties_thresholds(stream, *, density, **_):
 
     def magnitude_bits(chunk):
         deltas = chunk.models.sub_(chunk.base).abs_()
+        if deltas.dtype != torch.float32:   # float64 compute: the magnitudes at float32 resolution (_trim agrees)
+            deltas = deltas.to(torch.float32)
         return deltas.view(torch.int32).reshape(stream.n, -1)
 
     high = torch.zeros(stream.n, 1 << 16, dtype=torch.int64)
@@ -62,9 +64,14 @@ def _bin_of_rank(hist: torch.Tensor, rank: int) -> tuple[int, int]:
 
 
 def _trim(deltas: torch.Tensor, thresholds) -> torch.Tensor:
+    """Zero every |δ| below its model's threshold; in float64 the comparison is at float32 resolution, as the
+    thresholds were found (so ties at that resolution are all kept, never one dropped)."""
     if thresholds is not None:
         for i, t in enumerate(thresholds):
-            deltas[i].masked_fill_(deltas[i].abs() < t, 0)
+            magnitude = deltas[i].abs()
+            if magnitude.dtype != torch.float32:
+                magnitude = magnitude.to(torch.float32)
+            deltas[i].masked_fill_(magnitude < t, 0)
     return deltas
 
 
