@@ -405,6 +405,9 @@ def file_hashes(path: str | os.PathLike, use_cache: bool = True) -> dict[str, st
 
 # ---------------------------------------------------------------------------------------------- writing
 
+MAX_NAME_BYTES = 200   # leaves room for the ".partial-..." temporary name under the file system's 255
+
+
 def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safetensors") -> Path:
     """A file name given through the UI or the API -> a path inside `folder`, or an OutputError.
 
@@ -421,6 +424,9 @@ def safe_output_path(folder: str | os.PathLike, name: str, suffix: str = ".safet
                           f"without folders or '..'.")
     if not name.lower().endswith(suffix):
         name += suffix
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:   # the file system's limit is 255 bytes, with the temp suffix
+        raise OutputError(f"The file name is too long ({len(name.encode('utf-8'))} bytes; at most {MAX_NAME_BYTES}): "
+                          f"choose a shorter one.")
     folder = Path(folder).resolve()
     path = (folder / name).resolve()
     if path.parent != folder:
@@ -440,6 +446,9 @@ def check_output_path(path: Path, inputs: list[Path], overwrite: bool, suffix: s
     path = Path(path)
     if path.suffix.lower() != suffix:
         raise OutputError(f"The output must be a {suffix} file, not '{path.name}'.")
+    if len(path.name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise OutputError(f"The output file name is too long ({len(path.name.encode('utf-8'))} bytes; at most "
+                          f"{MAX_NAME_BYTES}): choose a shorter one.")
     for src in inputs:
         if path.exists() and _same_file(path, Path(src)) or path.resolve() == Path(src).resolve():
             raise OutputError(f"Refusing to write over an input model: '{path}'. Choose another output name.")

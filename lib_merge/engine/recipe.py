@@ -63,6 +63,8 @@ class Recipe:
         if weights is not None and len(weights) != len(self.models):
             raise InputError(f"{len(weights)} weights given for {len(self.models)} models: give one weight per model.")
         for name, values in self.blocks.items():
+            if not isinstance(values, (list, tuple)):
+                raise InputError(f"Recipe: blocks['{name}'] must be a list of numbers, one per block, not {values!r}.")
             p = spec.param(name)
             if not p.blockwise:
                 raise InputError(f"{self.method}: parameter '{name}' cannot be set per block.")

@@ -120,6 +120,9 @@ class Runs:
         return self._launch(log)
 
     def folder(self, name: str) -> Path:
+        name = str(name)
+        if not name or any(ord(ch) < 32 for ch in name) or len(name) > 255:   # NUL and friends: no such run
+            raise InputError(f"No AutoMBW run {name[:80]!r} under {self.root}.")
         path = (self.root / name).resolve()
         if path.parent != self.root.resolve() or not (path / "config.json").is_file():
             raise InputError(f"No AutoMBW run '{name}' under {self.root}.")
