@@ -169,8 +169,8 @@ def register_routes(app, host: Host, dependencies: list | None = None) -> None:
         return {"ok": True, "message": "Interrupt requested."}
 
     routes = [("/methods", methods, "GET"), ("/models", models, "GET"), ("/status", status, "GET"),
-              ("/xyz-axes", xyz_axes, "GET"), ("/merge", merge, "POST"), ("/save", save, "POST"), ("/restore", restore, "POST"),
-              ("/generate", generate, "POST"), ("/interrupt", interrupt, "POST")] + _lora_routes(host, guarded) \
+              ("/xyz-axes", xyz_axes, "GET"), ("/merge", merge, "POST"), ("/save", save, "POST"),
+              ("/restore", restore, "POST"), ("/generate", generate, "POST"), ("/interrupt", interrupt, "POST")] + _lora_routes(host, guarded) \
         + _optimize_routes(host, guarded)
     for path, fn, method in routes:
         app.add_api_route(PREFIX + path, fn, methods=[method], dependencies=dependencies or [])

@@ -70,3 +70,32 @@ def test_over_long_file_names_are_a_sentence_everywhere(tiny, tmp_path, capsys):
                  str(tiny.path["sd1_b"]), "-o", str(tmp_path / ("y" * 300 + ".safetensors"))]) == 2
     assert "The output file name is too long (312 bytes; at most 200)" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_interrupt_route_stops_a_running_merge(runnable_models, tmp_path):
+    import threading
+
+    class Slow(StandaloneHost):
+        """Holds the merge at its first tensor until Interrupt arrives (or 10 s pass)."""
+        started = threading.Event()
+
+        def progress(self, fraction, text=""):
+            super().progress(fraction, text)
+            if not self.started.is_set():
+                self.started.set()
+                self._interrupt.wait(10)
+
+    host = Slow(runnable_models, tmp_path / "out", generate=False)
+    app = FastAPI()
+    register_routes(app, host)
+    c = TestClient(app)
+    answer = {}
+    worker = threading.Thread(target=lambda: answer.update(
+        c.post("/merge-lab/v1/merge", json={"method": "weighted_sum", "models": MODELS}).json()))
+    worker.start()
+    assert host.started.wait(30)
+    r = c.post("/merge-lab/v1/interrupt")
+    assert r.status_code == 200 and r.json() == {"ok": True, "message": "Interrupt requested."}
+    worker.join(30)
+    assert answer["ok"] is False and "interrupted" in answer["message"].lower(), answer
+    assert c.get("/merge-lab/v1/status").json()["loaded"] is None

@@ -143,8 +143,11 @@ def test_bad_merge_inputs_give_messages_and_write_nothing(setup, changes, messag
 def test_lora_path_stays_inside_the_folder(setup):
     host = setup[0]
     assert lora_path(host, "sub/two.safetensors") == host.lora_dir / "sub" / "two.safetensors"
-    for bad in ("../sd1_a.safetensors", "..\\sd1_a.safetensors", "/abs.safetensors", "C:x.safetensors", ""):
-        with pytest.raises(Exception):
+    from lib_merge.core.errors import InputError
+    with pytest.raises(InputError, match="Choose a LoRA"):
+        lora_path(host, "")
+    for bad in ("../sd1_a.safetensors", "..\\sd1_a.safetensors", "/abs.safetensors", "C:x.safetensors"):
+        with pytest.raises(InputError, match=r"is not a LoRA name: give a file in the LoRA folder"):
             lora_path(host, bad)
 
 

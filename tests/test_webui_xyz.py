@@ -45,7 +45,8 @@ def test_the_axes_re_merge_the_loaded_merge_and_combine(previewing_host):
     options["Merge Lab: model B"].apply(None, "r1.safetensors", ["r1.safetensors"])
     assert [m["name"] for m in json.loads(host.loaded.recipe_json)["models"]] == ["r1.safetensors", "r1.safetensors"]
     assert options["Merge Lab: model B"].choices() == host.list_checkpoints()
-    with pytest.raises(Exception, match="Unknown model 'nope.safetensors'"):
+    from lib_merge.core.errors import InputError
+    with pytest.raises(InputError, match="Unknown model 'nope.safetensors'"):
         options["Merge Lab: model B"].confirm(None, ["nope.safetensors"])
 
     xyz.axis_options.extend(options.values())
