@@ -87,7 +87,7 @@ def test_info_shows_format_architecture_ranks_and_tags(setup):
     md = text(u, "lora_info")
     assert "kohya" in md and "SD1.x" in md
     assert "| unet | 3 | 2 |" in md and "| te | 1 | 2 |" in md
-    assert "red hair (5), cat (2)" in md and "ss_network_dim" in md
+    assert "red hair (5), cat (2)" in md and "ss\\_network\\_dim" in md   # escaped for Markdown: shown as written
     assert "⚠" in text(tools.on_info(form(tools, lora_info_name="../one.safetensors")), "lora_info")
 
 

@@ -180,3 +180,20 @@ def test_small_things_said_right(tmp_path):
     assert tab.lora_tools.on_merge_mode({"lora_merge_mode": "ties"})["lora_merge_name"]["placeholder"] == "lora_merge_ties"
     assert tab.lora_tools.c["lora_merge_name"].placeholder == "lora_merge_concat"
     assert [human_size(n) for n in (31_000_000, 5 * 2**30, 2048, 10)] == ["29.56 MiB", "5.00 GiB", "2.00 KiB", "10 bytes"]
+
+
+def test_metadata_and_names_are_shown_as_text_never_as_html():
+    """A LoRA's metadata, tags and a model's name are data: escaped for the page's Markdown (no element, link or
+    image can come from a file)."""
+    from lib_merge.ui.form import ModelInfo
+    from lib_merge.ui.jobs import plain
+    from lib_merge.ui.lora_tab import info_markdown
+    evil = '<img src=x onerror="alert(1)">'
+    info = {"architecture": "sd1", "format": "kohya", "algorithms": ["lora"], "architecture_evidence": [],
+            "modules": 1, "parameters": 8, "parts": {}, "metadata": {"ss_output_name": evil, "<b>k</b>": "[link](http://x)"},
+            "top_tags": [(evil, 3)], "warnings": ["<script>x</script>"]}
+    text = info_markdown(info)
+    assert "<img" not in text and "<script>" not in text and "<b>" not in text and "](http" not in text
+    assert "&lt;img src=x onerror=&quot;alert\\(1\\)&quot;&gt;" in text
+    assert "<" not in ModelInfo(evil + ".safetensors", None, "broken", 0).line("A")
+    assert plain("a_b*c") == "a\\_b\\*c"

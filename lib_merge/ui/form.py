@@ -20,6 +20,7 @@ from ..core.files import human_size
 from ..core.generation import GenerationRequest
 from ..core.weights import format_blocks, parse_blocks
 from ..engine.recipe import ModelRef, Recipe, recipe_from_text
+from .jobs import plain
 from ..methods import MAX_MODELS, METHODS, MethodSpec, Param, get_method
 
 # ------------------------------------------------------------------------------------------ field names
@@ -97,8 +98,8 @@ class ModelInfo:
 
     def line(self, slot: str) -> str:
         if self.error:
-            return f"**{slot}** `{self.name}`: ⚠ {self.error}"
-        return f"**{slot}** `{self.name}`: {self.arch.label}, {human_size(self.size)}"
+            return f"**{slot}** {plain(self.name)}: ⚠ {plain(self.error)}"
+        return f"**{slot}** {plain(self.name)}: {self.arch.label}, {human_size(self.size)}"
 
 
 class ArchCache:

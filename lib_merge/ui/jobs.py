@@ -38,6 +38,16 @@ def busy_html(title: str, seconds: float, fraction: float | None = None, detail:
                        detail=detail.split(": ", 1)[-1])  # session reports "Merging: <key>"
 
 
+_MARKDOWN_SPECIAL = "\\`*_{}[]()#+-.!|~"
+
+
+def plain(text) -> str:
+    """Text from a file (metadata, tags, names) made safe to put into Markdown: shown as written, never as HTML,
+    links, images or formatting (a LoRA's metadata is data, whoever wrote it)."""
+    escaped = html.escape(str(text), quote=True)
+    return "".join("\\" + ch if ch in _MARKDOWN_SPECIAL else ch for ch in escaped).replace("\n", " ")
+
+
 def error_html(e: BaseException) -> str:
     return status_html("error", str(e))
 

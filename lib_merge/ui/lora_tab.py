@@ -35,7 +35,7 @@ from ..lora.actions import (
     resized_name,
 )
 from ..lora.xy import ALL_MODES as MODES, SVD_MODES  # the factor modes, then svd_<mode>
-from .jobs import ELEM, background, busy_html, failure_html, status_html, unexpected_error
+from .jobs import ELEM, background, busy_html, failure_html, plain, status_html, unexpected_error
 from .section import Section
 
 log = logging.getLogger("merge_lab.ui")
@@ -74,11 +74,11 @@ def info_markdown(info: dict) -> str:
         lines += ["", "**Training fields:**", ""]
         for k, v in info["metadata"].items():
             v = str(v) if len(str(v)) <= 120 else str(v)[:117] + "..."
-            lines.append(f"- `{k}`: {v.replace('|', '/')}")
+            lines.append(f"- {plain(k)}: {plain(v)}")
     if info["top_tags"]:
-        lines += ["", "**Top tags:** " + ", ".join(f"{t} ({n})" for t, n in info["top_tags"])]
+        lines += ["", "**Top tags:** " + ", ".join(f"{plain(t)} ({n})" for t, n in info["top_tags"])]
     for w in info["warnings"]:
-        lines.append(f"\n⚠ {w}")
+        lines.append(f"\n⚠ {plain(w)}")
     return "\n".join(lines)
 
 
