@@ -32,7 +32,38 @@ def make_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "are read again")
     p.add_argument("--concurrency", type=int, default=2,
                    help="jobs that may run at once (merges still run one at a time)")
+    p.add_argument("--auth", metavar="USER:PASS", help="require this login for the page and the HTTP API")
+    p.add_argument("--auth-file", metavar="FILE", help="require a login from this file (one USER:PASS per line)")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve on an address other than this computer's without a login (only on a trusted network)")
     return p
+
+
+def read_auth(args) -> list[tuple[str, str]]:
+    """The logins of --auth and --auth-file, with a sentence for a malformed one."""
+    from ..core.errors import InputError
+    lines = [args.auth] if getattr(args, "auth", None) else []
+    if getattr(args, "auth_file", None):
+        try:
+            lines += [ln.strip() for ln in open(args.auth_file, encoding="utf-8") if ln.strip()]
+        except OSError as e:
+            raise InputError(f"Cannot read the auth file '{args.auth_file}': {e.strerror}.") from None
+    logins = []
+    for line in lines:
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise InputError("A login is USER:PASS, both parts given (e.g. --auth merge:secret).")
+        logins.append((user, password))
+    return logins
+
+
+def check_exposure(address: str, logins: list, insecure: bool) -> None:
+    """Serving beyond this computer without a login exposes every file the app can read: refused, saying why."""
+    from ..core.errors import InputError
+    if address in ("127.0.0.1", "localhost", "::1") or logins or insecure:
+        return
+    raise InputError(f"Serving on {address} lets anyone on your network use the app and read every file it can "
+                     f"read: give --auth USER:PASS (or --auth-file FILE), or --insecure on a network you trust.")
 
 
 def build_app(host):
@@ -69,24 +100,48 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from ..host.standalone import StandaloneHost
 
+    logins = read_auth(args)
+    check_exposure(args.host, logins, args.insecure)
     host = StandaloneHost(args.models_dir, args.output_dir, settings={"merge_lab_cache_mb": args.cache_mb})
     print(f"Merge Lab: models from {host.models_dir}, merges saved to {host.output_folder}", flush=True)
-    server = make_server(host, args.concurrency)
+    server = make_server(host, args.concurrency, logins)
     print(f"Merge Lab: open http://{args.host}:{args.port} (HTTP API under /merge-lab/v1/)", flush=True)
     import uvicorn
     uvicorn.run(server, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
-def make_server(host, concurrency: int = 2):
-    """One FastAPI app: the HTTP API (lib_merge.api) and the page, mounted at / (gradio 3.x and 4.x)."""
+def make_server(host, concurrency: int = 2, logins: list[tuple[str, str]] | None = None):
+    """One FastAPI app: the HTTP API (lib_merge.api) and the page, mounted at / (gradio 3.x and 4.x). With
+    logins, the API takes HTTP basic auth and the page gradio's login."""
     import gradio as gr
     from fastapi import FastAPI
 
     from ..api import register_routes
     server = FastAPI()
-    register_routes(server, host)   # before the page is mounted at /, which would catch these paths
-    return gr.mount_gradio_app(server, queue(build_app(host), concurrency), path="/")
+    register_routes(server, host, [basic_auth(logins)] if logins else None)   # before the page takes /
+    app = queue(build_app(host), concurrency)
+    if logins:
+        app.auth, app.auth_message = list(logins), None   # what launch(auth=...) sets; the mounted page uses it
+    return gr.mount_gradio_app(server, app, path="/")
+
+
+def basic_auth(logins: list[tuple[str, str]]):
+    """A FastAPI dependency: HTTP basic auth against the logins (compared in constant time)."""
+    import secrets
+
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic
+    security = HTTPBasic(auto_error=False)
+
+    def check(credentials=Depends(security)):   # no annotation: it would be a string FastAPI cannot resolve here
+        ok = credentials is not None and any(
+            secrets.compare_digest(credentials.username, u) & secrets.compare_digest(credentials.password, p)
+            for u, p in logins)
+        if not ok:
+            raise HTTPException(status_code=401, detail="Log in: this Merge Lab app requires a user and password.",
+                                headers={"WWW-Authenticate": "Basic"})
+    return Depends(check)
 
 
 if __name__ == "__main__":
