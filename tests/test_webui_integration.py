@@ -358,3 +358,18 @@ def test_merge_lab_axes_in_the_webuis_xyz_plot(webui):
     loaded = http.get("/merge-lab/v1/status").json()["loaded"]
     assert json.loads(loaded["recipe"])["params"]["alpha"] == 0.8     # the last cell's merge stays loaded
     assert http.post("/merge-lab/v1/restore").json()["ok"]
+
+
+def test_the_webuis_api_auth_guards_our_routes(tmp_path):
+    """With --api-auth, our routes answer 401 without the login and 200 with it, as the WebUI's own do."""
+    ui = WebUI(Path(WEBUI_DIR), tmp_path / "webui_auth.log", ("--api-auth", "merge:secret"))
+    try:
+        ui.start()
+        for path in ("/merge-lab/v1/methods", "/merge-lab/v1/status", "/sdapi/v1/sd-models"):
+            assert ui.http.get(path).status_code == 401, path
+            assert ui.http.get(path, auth=("merge", "wrong")).status_code == 401, path
+            assert ui.http.get(path, auth=("merge", "secret")).status_code == 200, path
+        r = ui.http.post("/merge-lab/v1/merge", json={"method": "weighted_sum", "models": []})
+        assert r.status_code == 401
+    finally:
+        ui.stop()

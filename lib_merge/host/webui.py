@@ -319,22 +319,13 @@ def register_settings() -> None:
 
 
 def api_dependencies() -> list:
-    """The WebUI's API auth (--api-auth user:password) for our routes, when it is set."""
+    """The WebUI's API auth (--api-auth user:password,...) for our routes, when it is set."""
     from modules import shared
     if not getattr(shared.cmd_opts, "api_auth", None):
         return []
-    from secrets import compare_digest
-
-    from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPBasic, HTTPBasicCredentials
-    credentials = dict(item.split(":", 1) for item in shared.cmd_opts.api_auth.split(","))
-
-    def auth(c: HTTPBasicCredentials = Depends(HTTPBasic())):
-        if c.username in credentials and compare_digest(c.password, credentials[c.username]):
-            return True
-        raise HTTPException(status_code=401, detail="Incorrect username or password",
-                            headers={"WWW-Authenticate": "Basic"})
-    return [Depends(auth)]
+    from .auth import basic_auth
+    logins = [tuple(item.split(":", 1)) for item in shared.cmd_opts.api_auth.split(",") if ":" in item]
+    return [basic_auth(logins)]
 
 
 def _forget_lora_backups(model, keys) -> None:

@@ -119,29 +119,12 @@ def make_server(host, concurrency: int = 2, logins: list[tuple[str, str]] | None
 
     from ..api import register_routes
     server = FastAPI()
+    from ..host.auth import basic_auth
     register_routes(server, host, [basic_auth(logins)] if logins else None)   # before the page takes /
     app = queue(build_app(host), concurrency)
     if logins:
         app.auth, app.auth_message = list(logins), None   # what launch(auth=...) sets; the mounted page uses it
     return gr.mount_gradio_app(server, app, path="/")
-
-
-def basic_auth(logins: list[tuple[str, str]]):
-    """A FastAPI dependency: HTTP basic auth against the logins (compared in constant time)."""
-    import secrets
-
-    from fastapi import Depends, HTTPException
-    from fastapi.security import HTTPBasic
-    security = HTTPBasic(auto_error=False)
-
-    def check(credentials=Depends(security)):   # no annotation: it would be a string FastAPI cannot resolve here
-        ok = credentials is not None and any(
-            secrets.compare_digest(credentials.username, u) & secrets.compare_digest(credentials.password, p)
-            for u, p in logins)
-        if not ok:
-            raise HTTPException(status_code=401, detail="Log in: this Merge Lab app requires a user and password.",
-                                headers={"WWW-Authenticate": "Basic"})
-    return Depends(check)
 
 
 if __name__ == "__main__":
