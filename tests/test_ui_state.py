@@ -119,6 +119,31 @@ def test_a_saved_merge_is_offered_at_once_and_chains(tiny, tmp_path, no_stray):
     assert [m["name"] for m in recipe["models"]] == ["(output)/AB.safetensors", "sd1_c.safetensors"]
 
 
+def test_only_actions_that_write_a_model_rescan_the_model_folders(tiny, tmp_path, no_stray):
+    """A merge into memory or a restore updates the current-merge line without listing the folders (in the
+    WebUI a rescan of every checkpoint, after every slider's re-merge); a save lists them, with its file."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("sd1_a", "sd1_b"):
+        os.symlink(tiny.path[name], models / f"{name}.safetensors")
+    host = StandaloneHost(models, tmp_path / "out", generate=False)
+    tab = make_tab(host)
+    scans = []
+    listing = host.list_checkpoints
+
+    def counted(refresh=False):   # resolving a name reads the cached list; only refresh=True rescans
+        if refresh:
+            scans.append(refresh)
+        return listing(refresh=refresh)
+    host.list_checkpoints = counted
+    merged = last(wired(tab, "on_merge", model_a="sd1_a.safetensors", model_b="sd1_b.safetensors"))
+    assert "merge-lab-ok" in merged["status"] and "model_a" not in merged and scans == []
+    assert merged["current"]["value"].startswith(f"Current merge: **{host.loaded.name}**")
+    assert "model_a" not in last(wired(tab, "on_restore")) and scans == []
+    saved = last(wired(tab, "on_save", model_a="sd1_a.safetensors", model_b="sd1_b.safetensors", save_name="AB"))
+    assert "(output)/AB.safetensors" in choice_values(saved["model_a"]) and scans == [True]
+
+
 def test_live_bake_and_lora_plot_update_the_current_merge_line(previewing_host, runnable_models, tmp_path, no_stray):
     """The LoRA section's actions that load something into the model update the tab's line and restore button
     (they used to leave 'No merge' showing while the bake was loaded)."""

@@ -145,17 +145,14 @@ class AutoMBW(Section):
     """The section's widgets (self.c) and handlers; `form` are the Merge tab's widgets (the starting recipe)."""
 
     def __init__(self, host: Host, form: dict, archs: ArchCache, page: dict | None = None,
-                 page_updates: Callable[[], dict] | None = None):
+                 page_updates: Callable[..., dict] | None = None):
         """`form`: the Merge tab's fields (the starting recipe); `page` and `page_updates`: the tab's
         host-derived widgets (current merge, restore, model lists), updated when a run or a button changes them."""
         super().__init__()
         self.host, self.archs = host, archs
         for name, component in form.items():
             self._field(name, component)
-        for name, component in (page or {}).items():
-            self._show(name, component)
-        self.page_fields = list(page or {})
-        self.page_updates = page_updates or (lambda: {})
+        self._share_page(page, page_updates)
         self._drawn: tuple | None = None
         self._build()
         self._wire()
@@ -305,7 +302,9 @@ class AutoMBW(Section):
             if not self.runs.busy:
                 final = self.watch_once(None)
                 final.pop("_seen", None)
-                yield {**final, "am_run": gr.update(choices=self._run_choices()), **self.page_updates()}
+                # a run may end by saving its best merge (save_best): the model lists follow
+                yield {**final, "am_run": gr.update(choices=self._run_choices()),
+                       **self.page_updates(wrote_files=True)}
                 return
             time.sleep(WATCH_SECONDS)
 
@@ -377,14 +376,15 @@ class AutoMBW(Section):
             raise InputError(f"{run.log.folder.name} has no successful trial yet.")
         return run, recipe
 
-    def _after_run(self, fn):
+    def _after_run(self, fn, wrote_files: bool = False):
         if self.runs.busy:
             return {"am_status": status_html("error", "A run is going on: stop it first.")}
         try:   # gradio runs handlers in a worker thread: the page stays responsive while this merges
             result = fn()
         except Exception as e:  # noqa: BLE001 - a MergeError's message, or a bug said so, in the section
             return {"am_status": failure_html(e)}
-        return {"am_status": status_html("ok" if result.ok else "error", result.message), **self.page_updates()}
+        return {"am_status": status_html("ok" if result.ok else "error", result.message),
+                **self.page_updates(wrote_files)}
 
     def on_apply(self, v: dict) -> dict:
         from .. import session
@@ -401,7 +401,7 @@ class AutoMBW(Section):
         except MergeError as e:
             return {"am_status": failure_html(e)}
         name = (v.get("am_save_name") or "").strip() or f"{run.config['name']}-best"
-        return self._after_run(lambda: session.save(self.host, recipe, name))
+        return self._after_run(lambda: session.save(self.host, recipe, name), wrote_files=True)
 
     def on_restore(self, v: dict) -> dict:
         from .. import session

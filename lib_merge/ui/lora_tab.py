@@ -87,7 +87,7 @@ class LoraTools(Section):
     """The section's widgets (self.c, by field name) and handlers; built inside the current gr.Blocks."""
 
     def __init__(self, host: Host, generation: dict | None = None, page: dict | None = None,
-                 page_updates: Callable[[], dict] | None = None):
+                 page_updates: Callable[..., dict] | None = None):
         """`generation`: the Merge tab's preview widgets by name (prompt, negative, gen_seed, steps, cfg, width,
         height, sampler), which the LoRA XY plot reads as its own fields. `page`: the tab's host-derived widgets
         (current merge line, restore button, model lists) and `page_updates` their updates, which the actions
@@ -97,10 +97,7 @@ class LoraTools(Section):
         self._xy_stop = threading.Event()   # set by Interrupt: the LoRA plot stops before its next merge or image
         for name, component in (generation or {}).items():
             self._field(name, component)
-        for name, component in (page or {}).items():
-            self._show(name, component)
-        self.page_fields = list(page or {})
-        self.page_updates = page_updates or (lambda: {})
+        self._share_page(page, page_updates)
         self._build()
         self._wire()
 
@@ -395,7 +392,8 @@ class LoraTools(Section):
                 yield {status: failure_html(result)}
             else:
                 message, *warnings = result.split("\n")
-                yield {status: status_html("ok", message, warnings), **self.on_refresh(), **self.page_updates()}
+                yield {status: status_html("ok", message, warnings), **self.on_refresh(),
+                       **self.page_updates(wrote_files=True)}
 
     def _progress(self, step: list):
         def progress(i: int, n: int, name: str = "") -> None:
@@ -560,8 +558,9 @@ class LoraTools(Section):
                 yield {"lora_xy_status": busy_html(f"LoRA XY plot: {step[1]}", time.monotonic() - started, step[0],
                                                    detail if detail != step[1] else "")}
             elif isinstance(result, BaseException):
-                yield {"lora_xy_status": failure_html(result), **self.page_updates()}
+                yield {"lora_xy_status": failure_html(result), **self.page_updates(wrote_files=True)}
             else:
                 gallery = [(result.grid_image, "grid")] + list(zip(result.images, result.labels))
-                yield {"lora_xy_gallery": gr.update(value=gallery), **self.on_refresh(), **self.page_updates(),
+                yield {"lora_xy_gallery": gr.update(value=gallery), **self.on_refresh(),
+                       **self.page_updates(wrote_files=True),
                        "lora_xy_status": status_html("ok", result.message)}

@@ -33,6 +33,14 @@ class Section:
         self.c[name] = component
         return component
 
+    def _share_page(self, page: dict | None, page_updates) -> None:
+        """Show the Merge tab's host-derived widgets (current merge line, restore button, model lists) in this
+        section's outputs; `page_updates(wrote_files)` gives their updates after an action here."""
+        for name, component in (page or {}).items():
+            self._show(name, component)
+        self.page_fields = list(page or {})
+        self.page_updates = page_updates or (lambda wrote_files=False: {})
+
     def values(self) -> dict[str, Any]:
         """The fields' current (initial) values, by name: what a handler receives."""
         return {n: self.c[n].value for n in self.fields}

@@ -354,18 +354,9 @@ class MergeTab(Section):
                                                      elem_id=f"{ELEM}xy_x_kind", scale=1))
                 self._field("xy_x_values", gr.Textbox(value="0.2, 0.5, 0.8", label="X values", lines=1,
                                                       elem_id=f"{ELEM}xy_x_values", scale=3))
-            with gr.Row():
-                self._field("xy_y_kind", gr.Dropdown([F.NONE] + kinds, value=F.NONE, label="Y axis",
-                                                     allow_custom_value=True, elem_id=f"{ELEM}xy_y_kind", scale=1))
-                self._field("xy_y_values", gr.Textbox(value="", label="Y values", lines=1,
-                                                      placeholder="e.g. GRAD_V, GRAD_A (with Y axis: preset)",
-                                                      elem_id=f"{ELEM}xy_y_values", scale=3))
-            with gr.Row():
-                self._field("xy_z_kind", gr.Dropdown([F.NONE] + kinds, value=F.NONE, label="Z axis (one grid per value)",
-                                                     allow_custom_value=True, elem_id=f"{ELEM}xy_z_kind", scale=1))
-                self._field("xy_z_values", gr.Textbox(value="", label="Z values", lines=1,
-                                                      placeholder="e.g. model:B over other.safetensors, third.safetensors",
-                                                      elem_id=f"{ELEM}xy_z_values", scale=3))
+            self._optional_axis_row("y", "Y axis", kinds, "e.g. GRAD_V, GRAD_A (with Y axis: preset)")
+            self._optional_axis_row("z", "Z axis (one grid per value)", kinds,
+                                    "e.g. model:B over other.safetensors, third.safetensors")
             with gr.Row():
                 self._field("xy_save_models", gr.Checkbox(
                     value=False, label="Save each cell's model", elem_id=f"{ELEM}xy_save_models",
@@ -375,6 +366,15 @@ class MergeTab(Section):
             self._show("xy_status", gr.HTML("", elem_id=f"{ELEM}xy_status"))
             self._show("xy_gallery", gr.Gallery(label="XY plot (the grid, then each cell)", columns=4, object_fit="contain",
                                                 elem_id=f"{ELEM}xy_gallery"))
+
+    def _optional_axis_row(self, axis: str, label: str, kinds: list[str], placeholder: str) -> None:
+        """The Y or Z axis: a kind (None by default) and its values."""
+        with gr.Row():
+            self._field(f"xy_{axis}_kind", gr.Dropdown([F.NONE] + kinds, value=F.NONE, label=label,
+                                                       allow_custom_value=True, elem_id=f"{ELEM}xy_{axis}_kind", scale=1))
+            self._field(f"xy_{axis}_values", gr.Textbox(value="", label=f"{axis.upper()} values", lines=1,
+                                                        placeholder=placeholder, elem_id=f"{ELEM}xy_{axis}_values",
+                                                        scale=3))
 
     def _build_recipe(self) -> None:
         self._field("recipe", gr.Textbox(label="Recipe (JSON) of the last merge — edit or paste one, then Load",
@@ -446,9 +446,11 @@ class MergeTab(Section):
         return on_preset
 
     # ---- what the page shows about the host
-    def page_updates(self) -> dict:
-        """The current-merge line, the restore button and the model lists, from the host now."""
-        return {**current_updates(self.host), **self._model_choices()}
+    def page_updates(self, wrote_files: bool = False) -> dict:
+        """The current-merge line and the restore button, from the host now; the model lists too after an
+        action that wrote a model file (only then: listing rescans the folders, in the WebUI every checkpoint)."""
+        u = current_updates(self.host)
+        return {**u, **self._model_choices()} if wrote_files else u
 
     def refreshed_fields(self) -> list[str]:
         """What Refresh lists refreshes: every list of files in the tab and its sections."""
@@ -525,10 +527,12 @@ class MergeTab(Section):
         """The XY axes offer only this method's parameters; an axis on a parameter it lacks falls back."""
         from .. import xy
         kinds = xy.kind_choices(spec)
-        x, y, z = v.get("xy_x_kind"), v.get("xy_y_kind"), v.get("xy_z_kind")
-        return {"xy_x_kind": gr.update(choices=kinds, value=x if x in kinds else kinds[0]),
-                "xy_y_kind": gr.update(choices=[F.NONE] + kinds, value=y if y in kinds else F.NONE),
-                "xy_z_kind": gr.update(choices=[F.NONE] + kinds, value=z if z in kinds else F.NONE)}
+        x = v.get("xy_x_kind")
+        u = {"xy_x_kind": gr.update(choices=kinds, value=x if x in kinds else kinds[0])}
+        for name in ("xy_y_kind", "xy_z_kind"):
+            chosen = v.get(name)
+            u[name] = gr.update(choices=[F.NONE] + kinds, value=chosen if chosen in kinds else F.NONE)
+        return u
 
     def on_models(self, v: dict) -> dict:
         """Each chosen model's architecture (headers only), a mismatch warning, and A's block layout."""
@@ -651,7 +655,8 @@ class MergeTab(Section):
         return {"plot": self._figure(v, spec, self._family(v))}
 
     # ---- handlers: merge, save, generate
-    def _run(self, v: dict, title: str, action: Callable[[Host, Any], session.MergeSummary]) -> Iterator[dict]:
+    def _run(self, v: dict, title: str, action: Callable[[Host, Any], session.MergeSummary],
+             wrote_files: bool = False) -> Iterator[dict]:
         """Build the recipe from the widgets (checked before any work), then run `action` in a thread and
         stream its progress into the status line."""
         try:
@@ -674,10 +679,10 @@ class MergeTab(Section):
             elif isinstance(result, BaseException):
                 result = session.MergeSummary(False, unexpected_error(result))
             self._running = ""
-            yield self._summary_updates(result)
+            yield self._summary_updates(result, wrote_files)
 
-    def _summary_updates(self, s: session.MergeSummary) -> dict:
-        u = {"status": status_html("ok" if s.ok else "error", s.message, s.warnings), **self.page_updates()}
+    def _summary_updates(self, s: session.MergeSummary, wrote_files: bool = False) -> dict:
+        u = {"status": status_html("ok" if s.ok else "error", s.message, s.warnings), **self.page_updates(wrote_files)}
         if s.ok and s.recipe_json:
             u["recipe"] = gr.update(value=F.shown_recipe(s.recipe_json))
         return u
@@ -690,7 +695,7 @@ class MergeTab(Section):
         overwrite = bool(v.get("overwrite"))
         yield {"save_name": gr.update(value=name)}
         for u in self._run(v, f"Saving {name}", lambda host, recipe, device: session.save(
-                host, recipe, name, overwrite=overwrite, device=device)):
+                host, recipe, name, overwrite=overwrite, device=device), wrote_files=True):
             yield u
 
     def on_generate(self, v: dict) -> Iterator[dict]:
@@ -743,10 +748,7 @@ class MergeTab(Section):
                 raise MergeError("The XY plot needs previews, and this host cannot generate them.")
             recipe = F.recipe_from_form(self.host, v, self.archs)
             x = xy.Axis(v.get("xy_x_kind") or "", v.get("xy_x_values") or "")
-            y_kind = F.slot_value(v.get("xy_y_kind"))
-            y = xy.Axis(y_kind, v.get("xy_y_values") or "") if y_kind else None
-            z_kind = F.slot_value(v.get("xy_z_kind"))
-            z = xy.Axis(z_kind, v.get("xy_z_values") or "") if z_kind else None
+            y, z = (self._optional_axis(v, axis) for axis in "yz")
             if z is not None and y is None:
                 raise InputError("XY plot: a Z axis needs a Y axis (or use the Y axis instead).")
             request = F.preview_request(v)
@@ -774,13 +776,20 @@ class MergeTab(Section):
                 continue
             self._running = ""
             if isinstance(result, BaseException):
-                yield {"xy_status": failure_html(result), **self.page_updates()}
+                yield {"xy_status": failure_html(result), **self.page_updates(save_models)}
             else:
                 grids = [(g, f"grid {label}".strip()) for g, label in result.grids]
                 gallery = grids + list(zip(result.images, result.labels))
-                yield {"xy_gallery": gr.update(value=gallery), **self.page_updates(),
+                yield {"xy_gallery": gr.update(value=gallery), **self.page_updates(save_models),
                        "xy_status": status_html("ok", result.message,
                                                 [f"Saved {p.name}" for p in result.saved_models])}
+
+    @staticmethod
+    def _optional_axis(v: dict, axis: str):
+        """The Y or Z axis of the form, None when its kind is None."""
+        from .. import xy
+        kind = F.slot_value(v.get(f"xy_{axis}_kind"))
+        return xy.Axis(kind, v.get(f"xy_{axis}_values") or "") if kind else None
 
     # ---- handlers: recipes
     def on_load_recipe(self, v: dict) -> dict:
