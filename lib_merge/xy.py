@@ -371,8 +371,7 @@ def plan_cells(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None,
     """Every cell's recipe and request, row by row, all checked before any work."""
     if y is not None and _same_target(x, y):
         raise InputError(f"XY plot: the X and Y axes both set {x.title}: choose another kind for one of them.")
-    needs_family = any(a is not None and (a.kind == "preset" or a.kind.startswith("block:")) for a in (x, y))
-    family = (base_recipe.arch or session.header_of(host, base_recipe)[0]) if needs_family else "sd1"
+    family = _family_for(host, base_recipe, (x, y))
     base_seed = int(request.seed)
     if base_seed < 0:   # one random seed for the whole grid, so the cells compare like with like
         base_seed = random.randrange(4294967294)
@@ -382,21 +381,16 @@ def plan_cells(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None,
     axes = sorted([(x, "x")] + ([(y, "y")] if y is not None else []),
                   key=lambda a: _ORDER.get(a[0].kind.split(":")[0], 2))
     for axis in (x, y):
-        if axis is not None and axis.kind == "prompt" and str(axis.values[0]) not in request.prompt:
-            raise InputError(f"XY plot: the prompt does not contain '{axis.values[0]}' (the first value of a prompt "
-                             f"axis is the text it searches; each value replaces it).")
+        _check_prompt_axis(axis, request.prompt)
     cells = []
     for row in range(len(y.values) if y is not None else 1):
         for col in range(len(x.values)):
             recipe = copy.deepcopy(base_recipe)
-            seed, prompt = base_seed, request.prompt
+            cell_request = replace(request, seed=base_seed, batch_size=1)
             try:
                 for axis, which in axes:
                     i = col if which == "x" else row
-                    if axis.kind == "seed":
-                        seed = axis.values[i]
-                    if axis.kind == "prompt":
-                        prompt = prompt.replace(str(axis.values[0]), str(axis.values[i]))
+                    cell_request = _request_with(cell_request, axis, i)
                     strength = axis.kind == "preset" and any(
                         a.param_name is not None and a.param_name == _first_blockwise(recipe) for a, _ in axes)
                     recipe = apply_value(recipe, axis, i, family, strength)
@@ -404,9 +398,30 @@ def plan_cells(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None,
             except MergeError as e:
                 msg = str(e).removeprefix("XY plot: ")
                 raise InputError(f"XY plot, cell {_cell_label(x, y, row, col)}: {msg}") from None
-            cells.append(Cell(row, col, _cell_label(x, y, row, col), recipe,
-                              replace(request, seed=seed, prompt=prompt, batch_size=1)))
+            cells.append(Cell(row, col, _cell_label(x, y, row, col), recipe, cell_request))
     return cells
+
+
+def _family_for(host: Host, recipe: Recipe, axes) -> str:
+    """The model family, read only when an axis needs the block layout (presets, single blocks)."""
+    if any(a is not None and (a.kind == "preset" or a.kind.startswith("block:")) for a in axes):
+        return recipe.arch or session.header_of(host, recipe)[0]
+    return "sd1"
+
+
+def _check_prompt_axis(axis: Axis | None, prompt: str) -> None:
+    if axis is not None and axis.kind == "prompt" and str(axis.values[0]) not in prompt:
+        raise InputError(f"XY plot: the prompt does not contain '{axis.values[0]}' (the first value of a prompt "
+                         f"axis is the text it searches; each value replaces it).")
+
+
+def _request_with(request: GenerationRequest, axis: Axis, i: int) -> GenerationRequest:
+    """The request with a seed or prompt axis's i-th value applied (other axes change the recipe instead)."""
+    if axis.kind == "seed":
+        return replace(request, seed=axis.values[i])
+    if axis.kind == "prompt":
+        return replace(request, prompt=request.prompt.replace(str(axis.values[0]), str(axis.values[i])))
+    return request
 
 
 def _first_blockwise(recipe: Recipe) -> str | None:
@@ -464,22 +479,15 @@ def _run_xyz(host: Host, base_recipe: Recipe, x: Axis, y: Axis | None, z: Axis, 
     check_can_plot(host, x, y)
     if any(a is not None and a.kind == z.kind for a in (x, y)):
         raise InputError(f"XY plot: the Z axis sets {z.title}, as another axis does: choose another kind for one.")
-    family = (base_recipe.arch or session.header_of(host, base_recipe)[0]) \
-        if z.kind == "preset" or z.kind.startswith("block:") else "sd1"
-    if z.kind == "prompt" and str(z.values[0]) not in request.prompt:
-        raise InputError(f"XY plot: the prompt does not contain '{z.values[0]}' (the first value of a prompt axis is "
-                         f"the text it searches; each value replaces it).")
+    family = _family_for(host, base_recipe, (z,))
+    _check_prompt_axis(z, request.prompt)
     planes = []
     for i in range(len(z.values)):
         try:
             recipe = apply_value(base_recipe, z, i, family)
         except MergeError as e:
             raise InputError(f"XY plot, {z.label(i)}: {str(e).removeprefix('XY plot: ')}") from None
-        req = request
-        if z.kind == "seed":
-            req = replace(request, seed=z.values[i])
-        elif z.kind == "prompt":
-            req = replace(request, prompt=request.prompt.replace(str(z.values[0]), str(z.values[i])))
+        req = _request_with(request, z, i)
         plan_cells(host, recipe, x, y, req)   # every Z value's cells checked before the first merge
         planes.append((recipe, req))
     progress = kw.pop("progress", None)
