@@ -83,13 +83,10 @@ def parse_elemental(text: str, family: str) -> list[Rule]:
     return rules
 
 
-def elemental_value(key: str, family: str, rules: list[Rule]) -> float | None:
-    """The ratio the last matching rule gives `key`, or None when no rule matches it."""
+def matching_rule(key: str, family: str, rules: list[Rule]) -> Rule | None:
+    """The rule that sets `key` (the last one matching it: a later entry wins), or None."""
     block = block_of(key, family)
-    for rule in reversed(rules):
-        if rule.matches(key, block):
-            return rule.ratio
-    return None
+    return next((rule for rule in reversed(rules) if rule.matches(key, block)), None)
 
 
 def check_adjust(values) -> list[float] | None:

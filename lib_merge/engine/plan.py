@@ -8,7 +8,7 @@ import torch
 
 from ..core import arch as archmod
 from ..core.arch import Architecture, component_of
-from ..core.elemental import adjust_ops, parse_elemental
+from ..core.elemental import adjust_ops, matching_rule, parse_elemental
 from ..core.errors import InputError
 from ..core.files import ModelFile, dtype_from_name
 from ..core.weights import value_for_key
@@ -106,11 +106,10 @@ def plan_merge(recipe: Recipe, inputs: list[ModelFile]) -> Plan:
                 continue
             task.params[recipe.layer_weights["param"]] = values[key]
         if rules:   # elemental ratios come last: they override the block weights for the keys they match
-            for rule in reversed(rules):
-                if rule.matches(key, archmod.block_of(key, family)):
-                    task.params[elemental_param.name] = elemental_param.coerce(rule.ratio, "elemental")
-                    used_rules.add(rule.text)
-                    break
+            rule = matching_rule(key, family, rules)
+            if rule is not None:
+                task.params[elemental_param.name] = elemental_param.coerce(rule.ratio, "elemental")
+                used_rules.add(rule.text)
         task.action = "merge"
     unused = [r.text for r in rules if r.text not in used_rules]
     if unused:
