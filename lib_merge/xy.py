@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import re
 import time
@@ -105,6 +106,9 @@ def _recipes_from_text(text: str) -> list[Recipe]:
         except json.JSONDecodeError as e:
             raise InputError(f"XY plot: the recipes are not valid JSON: {e.msg} (at character {e.pos + 1}). "
                              f"Give a JSON list of recipes, or recipes one after another.") from None
+        except (ValueError, RecursionError) as e:   # a number of over 4300 digits; nesting too deep
+            raise InputError(f"XY plot: the recipes are not valid JSON ({e}). Give a JSON list of recipes, or "
+                             f"recipes one after another.") from None
         items.extend(obj if isinstance(obj, list) else [obj])
     return [_recipe(x) for x in items]
 
@@ -241,7 +245,7 @@ def _number(v: Any) -> Any:
     """'0.50' -> 0.5, '3' -> 3; anything else as it is (choices, on/off)."""
     if isinstance(v, str) and re.fullmatch(_NUM, v.strip()):
         f = float(v)
-        return int(f) if re.fullmatch(r"[+-]?\d+", v.strip()) else f
+        return int(f) if re.fullmatch(r"[+-]?\d+", v.strip()) and math.isfinite(f) else f
     return v
 
 

@@ -20,7 +20,7 @@ def _parse_param(text: str) -> tuple[str, str]:
 def _coerce_literal(value: str):
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):   # not JSON (or nested too deeply): the text itself
         return value
 
 

@@ -97,7 +97,7 @@ def check_adjust(values) -> list[float] | None:
         values = [v for v in re.split(r"[,\s]+", values.strip()) if v]
     try:
         out = [float(v) for v in values]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):   # OverflowError: an integer too large for a float
         raise InputError(f"Adjust takes up to 8 numbers ({', '.join(ADJUST_NAMES)}), not {values!r}.") from None
     if len(out) > len(ADJUST_NAMES) or not all(math.isfinite(v) for v in out):
         raise InputError(f"Adjust takes up to 8 finite numbers ({', '.join(ADJUST_NAMES)}); got {len(out)}.")

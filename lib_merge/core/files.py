@@ -176,6 +176,9 @@ class SafetensorsFile(ModelFile):
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CorruptFileError(f"{where} is not a valid safetensors file: its header is not JSON.") from None
+        except (ValueError, RecursionError):   # a number of over 4300 digits; nesting too deep for the parser
+            raise CorruptFileError(f"{where} is not a valid safetensors file: its header is JSON no reader "
+                                   f"accepts (nested too deeply or a number too long).") from None
         if not isinstance(header, dict):
             raise CorruptFileError(f"{where} is not a valid safetensors file: its header is not a JSON object.")
         meta = header.pop("__metadata__", None) or {}

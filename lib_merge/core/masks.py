@@ -140,8 +140,12 @@ class Mask:
                                  f"reads version 1. Update Merge Lab.")
             try:
                 shapes = {k: tuple(int(d) for d in s) for k, s in json.loads(meta["shapes"]).items()}
-            except (KeyError, TypeError, ValueError, AttributeError):
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError):
                 raise InputError(f"'{path.name}': the mask's shape table is missing or damaged.") from None
+            negative = next((k for k, s in shapes.items() if any(d < 0 for d in s)), None)
+            if negative is not None:
+                raise InputError(f"'{path.name}': the mask's shape table gives '{negative}' a negative dimension "
+                                 f"{list(shapes[negative])}; the file is damaged.")
             mask = cls(meta.get("arch") or None)
             for key, info in f.tensors.items():
                 shape = shapes.get(key)

@@ -100,10 +100,15 @@ def parse_blocks(text: str | list | None, family: str, default: float) -> list[f
     if text is None:
         return None
     if isinstance(text, (list, tuple)):
-        values = [float(v) for v in text]
+        values = []
+        for v in text:
+            try:
+                values.append(float(v))
+            except (TypeError, ValueError, OverflowError):
+                raise InputError(f"Block weights must be numbers; {v!r} is not one.") from None
         if len(values) != len(names):
             raise InputError(f"{_family_label(family)} takes {len(names)} block weights, got {len(values)}.")
-        return values
+        return _finite_blocks(values, names)
     text = text.strip()
     if not text:
         return None
@@ -113,7 +118,7 @@ def parse_blocks(text: str | list | None, family: str, default: float) -> list[f
             raise InputError(
                 f"{_family_label(family)} takes {len(names)} block weights ({names[0]}, {names[1]}..{names[-1]}), "
                 f"got {len(tokens)} numbers.")
-        return [float(t) for t in tokens]
+        return _finite_blocks([float(t) for t in tokens], names)
     values = [float(default)] * len(names)
     for i, tok in enumerate(tokens):
         if "=" not in tok:
@@ -131,6 +136,13 @@ def parse_blocks(text: str | list | None, family: str, default: float) -> list[f
                              f"Blocks: {', '.join(names)}.")
         for j in hits:
             values[j] = float(val)
+    return _finite_blocks(values, names)
+
+
+def _finite_blocks(values: list[float], names: list[str]) -> list[float]:
+    bad = [n for n, v in zip(names, values) if not math.isfinite(v)]
+    if bad:
+        raise InputError(f"Block weights must be finite numbers; {bad[0]} is {values[names.index(bad[0])]}.")
     return values
 
 
@@ -251,6 +263,16 @@ WEIGHT_EDIT_OPS = ("set", "add", "subtract", "multiply", "divide")
 WEIGHT_COMBINE_OPS = ("mean", "min", "max", "add", "subtract", "multiply", "divide")
 
 
+def _finite_number(v) -> bool:
+    """A JSON number that is finite as a float (an integer too large for a float is not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 class WeightSet(dict):
     """{key: float} plus the architecture family it was built for (None when unknown)."""
 
@@ -283,6 +305,8 @@ class WeightSet(dict):
             raise InputError(f"Weight set file not found: '{path}'.") from None
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise InputError(f"'{path.name}' is not a weight set: it is not readable JSON ({e}).") from None
+        except RecursionError:
+            raise InputError(f"'{path.name}' is not a weight set: its JSON is nested too deeply.") from None
         if not isinstance(data, dict) or data.get("format") != WEIGHTS_FORMAT:
             raise InputError(f"'{path.name}' is not a Merge Lab weight set (no \"format\": \"{WEIGHTS_FORMAT}\"). "
                              f"Make one with `weights blocks|groups|attention|shell`.")
@@ -293,7 +317,7 @@ class WeightSet(dict):
         if not isinstance(weights, dict):
             raise InputError(f"'{path.name}': \"weights\" must be an object of key: number.")
         for k, v in weights.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if not _finite_number(v):
                 raise InputError(f"'{path.name}': the weight of '{k}' is {v!r}, not a finite number.")
         arch = data.get("arch")
         return cls({k: float(v) for k, v in weights.items()}, arch if isinstance(arch, str) else None)

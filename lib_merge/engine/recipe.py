@@ -140,6 +140,10 @@ class Recipe:
             raise InputError(f"Recipe version {version} is newer than this Merge Lab understands ({RECIPE_VERSION}); update Merge Lab.")
         if "method" not in d or "models" not in d:
             raise InputError("A recipe needs 'method' and 'models'.")
+        if not isinstance(d["method"], str):
+            raise InputError(f"Recipe: 'method' must be a method's name, not {d['method']!r}.")
+        if not isinstance(d.get("components", []), list):
+            raise InputError(f"Recipe: 'components' must be a list of component names, not {d['components']!r}.")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known - {"format", "version"}
         if unknown:
@@ -164,6 +168,8 @@ class Recipe:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise InputError(f"The recipe is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno}).") from None
+        except (ValueError, RecursionError) as e:   # a number of over 4300 digits; nesting too deep for the parser
+            raise InputError(f"The recipe is not valid JSON: {e}.") from None
         return cls.from_dict(data)
 
     # ------------------------------------------------------------------------------------- metadata
@@ -242,7 +248,7 @@ def recipe_from_text(text: str, what: str = "the text", todo: str = "") -> "Reci
             continue
         try:
             obj, _ = decoder.raw_decode(rest, i)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             last_error = last_error or e
             continue
         if not isinstance(obj, dict):

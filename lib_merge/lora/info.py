@@ -21,7 +21,7 @@ def top_tags(metadata: dict[str, str], limit: int = 20) -> list[tuple[str, int]]
         return []
     try:
         data = json.loads(raw) if isinstance(raw, str) else raw
-    except ValueError:
+    except (ValueError, RecursionError):   # not JSON, or nested too deeply for the parser
         return []
     total: Counter = Counter()
     if isinstance(data, dict):
@@ -30,7 +30,7 @@ def top_tags(metadata: dict[str, str], limit: int = 20) -> list[tuple[str, int]]
                 for tag, n in tags.items():
                     try:
                         total[str(tag).strip()] += int(n)
-                    except (TypeError, ValueError):
+                    except (TypeError, ValueError, OverflowError):   # OverflowError: an infinite count
                         continue
     total.pop("", None)
     return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]

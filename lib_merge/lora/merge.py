@@ -142,6 +142,8 @@ def parse_lora_arg(text: str) -> LoraInput:
         # FILE:abc: a weight that is not a number (a Windows drive letter, C:\..., is a path, not a weight)
         raise InputError(f"'{text}': '{tail}' is not a weight. Write FILE, FILE:W or FILE:W_UNET:W_TE with "
                          f"numbers (e.g. style.safetensors:0.8).")
+    if not all(math.isfinite(w) for w in nums):
+        raise InputError(f"'{text}': the weights must be finite numbers.")
     if not nums:
         return LoraInput(Path(path))
     if len(nums) == 1:

@@ -11,6 +11,7 @@ The spec (`Param`) is the one place a parameter is described: the UI's widgets, 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -45,9 +46,12 @@ class Param:
             if isinstance(value, str):
                 value = [v for v in value.replace(";", ",").split(",") if v.strip()]
             try:
-                return [float(v) for v in value]
-            except (TypeError, ValueError):
+                values = [float(v) for v in value]
+            except (TypeError, ValueError, OverflowError):
                 raise InputError(f"{where} must be a list of numbers, not '{value}'.") from None
+            if not all(math.isfinite(v) for v in values):
+                raise InputError(f"{where} must be a list of finite numbers, not {values}.")
+            return values
         if isinstance(self.kind, Choice):
             if value not in self.kind.options:
                 raise InputError(f"{where} must be one of {', '.join(self.kind.options)}, not '{value}'.")
@@ -65,7 +69,7 @@ class Param:
                 value = int(value)
             else:
                 value = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):   # OverflowError: an integer too large for a float
             raise InputError(f"{where} must be a {self.kind.__name__}, not '{value}'.") from None
         if value != value:  # NaN
             raise InputError(f"{where} is NaN.")

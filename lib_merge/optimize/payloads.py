@@ -428,8 +428,11 @@ def _load(path: Path):
         mark = getattr(e, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise InputError(f"'{path.name}' is not readable as YAML ({at}{getattr(e, 'problem', None) or e}).") from None
-    except ValueError as e:   # tomllib.TOMLDecodeError; YAML's impossible dates
-        raise InputError(f"'{path.name}' is not valid {'TOML' if suffix == '.toml' else 'YAML'} ({e}).") from None
+    except ValueError as e:   # tomllib.TOMLDecodeError; YAML's impossible dates; JSON numbers of over 4300 digits
+        kind = {".toml": "TOML", ".json": "JSON"}.get(suffix, "YAML")
+        raise InputError(f"'{path.name}' is not valid {kind} ({e}).") from None
+    except RecursionError:
+        raise InputError(f"'{path.name}' is nested too deeply to be a payload file.") from None
 
 
 def _from_data(data, path: Path, notes: list[str]) -> list[Payload]:
