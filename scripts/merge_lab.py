@@ -23,6 +23,10 @@ def host():
     if _host is None:
         from lib_merge.host.webui import WebUIHost
         _host = WebUIHost()
+        try:
+            _host.remove_stale_partials()   # what saves killed mid-write left behind (logged)
+        except Exception as e:   # never stop the WebUI's start over a cleanup
+            print(f"Merge Lab: could not clean up unfinished saves: {e}")
     return _host
 
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -635,3 +638,51 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, met
     except BaseException:
         w.abort()
         raise
+
+
+# A temporary file's name: ".{final name}.{pid}[.{thread}].partial" (SafetensorsWriter, write_file_atomic).
+_PARTIAL_NAME = re.compile(r"^\.(?P<final>.+?)\.(?P<pid>\d+)(?:\.\d+)?\.partial$")
+STALE_PARTIAL_AGE_S = 24 * 3600   # a file nobody wrote to for a day is left over even if its pid was reused
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):   # OverflowError: a number no pid can be
+        return False
+    except OSError:   # EPERM: someone else's process, alive
+        return True
+    return True
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed save left in `folder` (not its subfolders); returns what went.
+
+    A save writes a dotfile ending in `.partial` and renames it only when complete, so a kill -9 or a power cut
+    leaves one behind. It is stale when the process that wrote it is gone (or it has not changed for a day: the
+    pid may have been reused); a save still running in this or another live process is left alone.
+    """
+    folder = Path(folder)
+    removed = []
+    try:
+        candidates = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".partial")]
+    except OSError:
+        return removed
+    now = time.time()
+    for p in candidates:
+        m = _PARTIAL_NAME.match(p.name)
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if not m or not stat.S_ISREG(st.st_mode):
+            continue
+        pid = int(m["pid"])
+        if _pid_alive(pid) and now - st.st_mtime < STALE_PARTIAL_AGE_S:
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed

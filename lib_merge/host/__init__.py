@@ -5,12 +5,15 @@ The UI and the HTTP API talk only to a Host and to the library; only host/webui.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..core.generation import GenerationRequest, GenerationResult
+
+log = logging.getLogger("merge_lab")
 
 
 @dataclass
@@ -54,6 +57,17 @@ class Host:
 
     def output_dir(self) -> Path:
         raise NotImplementedError
+
+    def remove_stale_partials(self) -> list[Path]:
+        """At start: delete the temporary files that saves killed mid-write left in the folders we write to."""
+        from ..core.files import remove_stale_partials
+        removed = []
+        for folder in (self.output_dir(), self.lora_dir):
+            if folder is not None:
+                removed += remove_stale_partials(folder)
+        for p in removed:
+            log.info("Merge Lab: removed %s, left over by a save that did not finish.", p)
+        return removed
 
     def create_demo_models(self) -> list[str]:
         """Make two tiny demo checkpoints where this host lists models (standalone only)."""

@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     check_exposure(args.host, logins, args.insecure)
     host = StandaloneHost(args.models_dir, args.output_dir, settings={"merge_lab_cache_mb": args.cache_mb})
     print(f"Merge Lab: models from {host.models_dir}, merges saved to {host.output_folder}", flush=True)
+    for p in host.remove_stale_partials():
+        print(f"Merge Lab: removed {p}, left over by a save that did not finish", flush=True)
     server = make_server(host, args.concurrency, logins)
     print(f"Merge Lab: open http://{args.host}:{args.port} (HTTP API under /merge-lab/v1/)", flush=True)
     import uvicorn
