@@ -3,8 +3,9 @@
 Each command runs as its own process under `/usr/bin/time -v` (wall time and peak RSS of the whole
 command, process start included), the runs interleaved so machine noise hits every peer alike:
 
-- ours:    `python -m lib_merge merge` to a file (weighted_sum 0.5, add_difference 1.0),
-           and an in-memory merge into a DictSink (bench/dictsink_merge.py);
+- ours:    `python -m lib_merge merge --merge-vae` to a file (weighted_sum 0.5, add_difference 1.0): every key,
+           the VAE included, as sd-mecha and the naive merge do; and an in-memory merge into a DictSink
+           (bench/dictsink_merge.py, the UI's "Merge"; it writes no file, so it gets no speed-up column);
 - sd-mecha 1.1.8 (`bench/peers/mecha_merge.py`, run with its own venv, see docs/BENCHMARKS.md);
 - naive:   load every input whole, merge, save (`bench/peers/naive_merge.py`).
 
@@ -52,7 +53,7 @@ def main() -> None:
     for method, inputs, alpha in (("weighted_sum", [a, b], "0.5"), ("add_difference", [a, b, c], "1.0")):
         model_flags = [x for m in inputs for x in ("--model", m)]
         jobs[("ours", method)] = [py, "-m", "lib_merge", "merge", "--method", method, *model_flags,
-                                  "--alpha", alpha, "--dtype", "float16", "--overwrite", "-o", out]
+                                  "--alpha", alpha, "--merge-vae", "--dtype", "float16", "--overwrite", "-o", out]
         jobs[("ours_dict", method)] = [py, "bench/dictsink_merge.py", method, *inputs, "--alpha", alpha]
         if args.mecha_python:
             jobs[("mecha", method)] = [args.mecha_python, "bench/peers/mecha_merge.py", method, *inputs, out,
@@ -82,7 +83,7 @@ def main() -> None:
         med = statistics.median(walls)
         ratio = ""
         peer = results.get(("mecha", method))
-        if peer and tool != "mecha":
+        if peer and tool not in ("mecha", "ours_dict"):   # the in-memory merge writes no file: not like for like
             ratio = f"{statistics.median([r[0] for r in peer]) / med:.1f}x"
         print(f"| {method} | {tool} | {med:.1f} ({min(walls):.1f}–{max(walls):.1f}) | {max(r[1] for r in rs):.2f} | {ratio} |")
 

@@ -201,3 +201,22 @@ def test_fallocate_reserves_the_space_so_a_filling_disk_cannot_cut_the_save(smal
     path = save_state_dict(state, small_disk / "m.safetensors")
     back = load_file(str(path))
     assert all(torch.equal(back[k], v) for k, v in state.items()) and set(back) == set(state)
+
+
+# ------------------------------------------------------------------------------------------ sources untouched
+def test_merges_and_lora_jobs_leave_their_sources_byte_for_byte(tiny, tmp_path):
+    """A merge, an overwrite of an earlier output, a LoRA extract and a bake read their inputs only: the bytes
+    and the modification times of every source are what they were."""
+    from lib_merge.cli import main
+    sources = [tiny.path[n] for n in ("sd1_a", "sd1_b", "sd1_c")]
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sources}
+    out, lora = tmp_path / "m.safetensors", tmp_path / "l.safetensors"
+    a, b, c = (str(p) for p in sources)
+    for argv in (["merge", "--method", "add_difference", "--model", a, "--model", b, "--model", c, "--alpha",
+                  "0.7", "--merge-vae", "-o", str(out)],
+                 ["merge", "--method", "ties", "--base", a, "--model", b, "--model", c, "--overwrite", "-o",
+                  str(out)],
+                 ["lora", "extract", "--base", a, "--tuned", b, "--rank", "2", "-o", str(lora)],
+                 ["lora", "bake", "--model", a, "--lora", f"{lora}:0.5", "-o", str(tmp_path / "baked.safetensors")]):
+        assert main(argv) == 0, argv
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sources} == before
